@@ -21,7 +21,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SCHEMA_REGISTRY_PORT": ("registry_port", "8081"),
     "SCHEMA_REGISTRY_TOPIC": ("registry_topic", "_schemas"),
     "PAYSTREAM_APP_ID": ("app_id", "paystream"),
-    "PAYSTREAM_TOPIC_PARTITIONS": ("topic_partitions", "4"),
+    "PAYSTREAM_TOPIC_PREFIX": ("topic_prefix", ""),
     "PAYSTREAM_STATE_DIR": ("state_dir", ".paystream"),
     "WORKER_WEB_HOST": ("worker_web_host", "127.0.0.1"),
     "WORKER_WEB_PORT": ("worker_web_port", "6066"),
@@ -51,7 +51,7 @@ class Settings:
     registry_port: int
     registry_topic: str
     app_id: str
-    topic_partitions: int
+    topic_prefix: str
     state_dir: Path
     worker_web_host: str
     worker_web_port: int
@@ -84,6 +84,14 @@ class Settings:
             values[attribute] = _coerce(types[attribute], raw, variable)
         values.update(overrides)
         return cls(**values)  # type: ignore[arg-type]
+
+    def topic(self, name: str) -> str:
+        """The Kafka topic that carries catalog topic ``name`` in this deployment.
+
+        A prefix lets tests (and side-by-side environments on one cluster) own
+        private copies of every topic without renaming anything in code.
+        """
+        return f"{self.topic_prefix}{name}"
 
     @property
     def kafka_url(self) -> str:

@@ -1,0 +1,117 @@
+"""``paystream``: the one command line of the project.
+
+Each subcommand imports its module lazily so ``paystream kafka status`` does
+not pay for loading Faust, and a missing optional piece fails only the
+subcommand that needs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from streams.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _kafka(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import localkafka
+
+    kafka = localkafka.from_settings(settings.state_dir, settings.kafka_bootstrap_servers, args.port)
+    if args.action == "start":
+        return localkafka.main_start(kafka)
+    if args.action == "stop":
+        print("kafka: stopped" if kafka.stop() else "kafka: was not running")
+        return 0
+    status = kafka.status()
+    print(status.describe())
+    return 0 if status.running else 3
+
+
+def _registry(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas.registry.server import run
+
+    run(settings)
+    return 0
+
+
+def _schemas(args: argparse.Namespace, settings: Settings) -> int:
+    from schemas import tooling
+
+    if args.action == "register":
+        return tooling.register_all(settings.schema_registry_url)
+    return tooling.check_all(settings.schema_registry_url)
+
+
+def _topics(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import catalog
+
+    if args.action == "create":
+        from streams.admin import ensure_topics
+
+        created = ensure_topics(settings.kafka_bootstrap_servers, catalog.topic_settings())
+        print(f"topics: created {len(created)}: {', '.join(sorted(created)) or '-'}")
+        return 0
+    catalog.print_topics(markdown=args.action == "markdown")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.app import run_worker
+
+    return run_worker(settings, loglevel=args.loglevel)
+
+
+def _bench(args: argparse.Namespace, settings: Settings) -> int:
+    from streams import bench
+
+    return bench.run(args.target, settings, count=args.count)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paystream", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    kafka = commands.add_parser("kafka", help="run a local single-node KRaft broker")
+    kafka.add_argument("action", choices=["start", "stop", "status"])
+    kafka.add_argument("--port", type=int, default=None,
+                       help="listener port (default: the port of KAFKA_BOOTSTRAP_SERVERS)")
+    kafka.set_defaults(handler=_kafka)
+
+    registry = commands.add_parser("registry", help="serve the Confluent-compatible schema registry")
+    registry.set_defaults(handler=_registry)
+
+    schemas = commands.add_parser("schemas", help="register or check the .avsc contracts")
+    schemas.add_argument("action", choices=["register", "check"])
+    schemas.set_defaults(handler=_schemas)
+
+    topics = commands.add_parser("topics", help="list or create the catalog's topics")
+    topics.add_argument("action", choices=["list", "markdown", "create"], nargs="?", default="list")
+    topics.set_defaults(handler=_topics)
+
+    worker = commands.add_parser("worker", help="start a Faust worker with every agent")
+    worker.add_argument("--loglevel", default="info")
+    worker.set_defaults(handler=_worker)
+
+    bench = commands.add_parser("bench", help="measure a path against a raw-client baseline")
+    bench.add_argument("target", choices=["codec"])
+    bench.add_argument("-n", "--count", type=int, default=100_000)
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        print(f"paystream: {exc}", file=sys.stderr)
+        return 2
+    handler: Handler = args.handler
+    return handler(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
