@@ -233,7 +233,7 @@ class LocalKafka:
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000})
         try:
             return bool(admin.list_topics(timeout=timeout).brokers)
-        except Exception:  # noqa: BLE001 - any failure means "not yet"
+        except Exception:
             return False
 
     def status(self) -> BrokerStatus:
@@ -261,7 +261,7 @@ class LocalKafka:
         (self.home / "log4j2.properties").write_text(_LOG4J2.format(logs=self.logs_dir))
         if not (self.data_dir / "meta.properties").exists():
             self._format(lib, properties)
-        out = open(self.logs_dir / "server.out", "ab")  # noqa: SIM115 - owned by the child
+        out = open(self.logs_dir / "server.out", "ab")
         process = subprocess.Popen(
             self._java(lib, "kafka.Kafka", str(properties)),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
