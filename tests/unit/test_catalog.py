@@ -141,7 +141,7 @@ def test_topic_spec_and_unknown_topic() -> None:
     assert isinstance(info.value, KeyError)
     assert "'order.crated'" in str(info.value) and "catalog" in str(info.value)
     with pytest.raises(UnknownTopic):
-        value_subject("nope")
+        topic_spec("t-abc-order.created")
     with pytest.raises(UnknownTopic):
         record_key("nope", {"order_id": "o1"})
 
@@ -186,6 +186,14 @@ def test_topic_settings_cover_the_catalog() -> None:
         assert s.partitions == EVENT_PARTITIONS
         assert s.replication_factor == 1
         assert s.config == {"cleanup.policy": "delete", "retention.ms": str(SEVEN_DAYS_MS)}
+
+
+def test_value_subject_is_topic_name_strategy() -> None:
+    assert value_subject("order.created") == "order.created-value"
+    # prefixed test copies get their own subjects
+    assert value_subject("t-abc-order.created") == "t-abc-order.created-value"
+    with pytest.raises(ValueError):
+        value_subject("")
 
 
 def test_topic_settings_prefixed_copies() -> None:
