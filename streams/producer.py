@@ -37,6 +37,10 @@ def producer_config(
         "bootstrap.servers": bootstrap_servers,
         "client.id": client_id,
         "enable.idempotence": True,
+        # Java's and aiokafka's (so Faust's) default partitioner: a key lands
+        # on the same partition whoever produces it, which co-partitioned
+        # agents rely on.  librdkafka's own default (CRC32) would not.
+        "partitioner": "murmur2_random",
         "acks": "all",
         "linger.ms": 2,
         "compression.type": "lz4",
