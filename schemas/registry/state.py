@@ -124,13 +124,13 @@ class RegistryState:
         if not isinstance(schema_id, int) or not isinstance(text, str):
             raise MalformedRecord(f"schema record without id/schema at offset {record.offset}")
         schema_type = value.get("schemaType") or AVRO
+        self._forget(subject, version)  # an update (soft delete) replaces the version
         stored = self.schemas.get(schema_id)
         if stored is None or stored.text != text:
             stored = _stored(schema_id, text, schema_type)
             self.schemas[schema_id] = stored
             if stored.fingerprint is not None:
                 self.ids_by_fingerprint.setdefault(stored.fingerprint, schema_id)
-        self._forget(subject, version)
         self.subjects.setdefault(subject, {})[version] = SubjectVersion(
             subject, version, stored, bool(value.get("deleted", False))
         )
