@@ -1,0 +1,1248 @@
+"""The order aggregate as pure decisions: its row, its transition table, and what
+every event and command does to it.
+
+Nothing here imports Faust, Kafka or aiohttp, so every rule of the order
+lifecycle is unit-tested without a broker (STYLE.md).  The order agent stays
+thin: it reads the row, calls one function of this module, and then writes the
+returned row, produces the returned emissions and updates its deadline index
+from the same :class:`Decision`, so state, outgoing events and timers cannot
+disagree.
+
+Idempotency lives in the row: :attr:`Order.applied_event_ids` holds the ids of
+the last events/commands applied, so the seen-id check and the state change it
+guards are written together and cannot be torn apart by a crash between two
+table writes.  Some facts can also arrive twice under *different* event ids
+(a producer that re-emitted after a crash, Stripe webhooks out of order); those
+are recognised by their business key (PaymentIntent, payment, refund id) and
+answered with a no-op :class:`Decision` rather than an error.
+
+Contracts are not restated: the payload of every emission is built from the
+non-envelope fields of its topic's ``.avsc`` (:func:`schemas.contracts.schema_dict`)
+and the enum symbols (order types, cancel reasons) come from the schemas too,
+so a contract change shows up here as a failing import or test, not as events
+the encoder rejects in production.
+
+Seed names (``seed/payment-order-architecture.md``, order service):
+``handle_payment_completed`` is :func:`on_payment_completed`,
+``handle_payment_failed`` is :func:`on_payment_failed`,
+``handle_payment_refunded`` is :func:`on_payment_refunded`; the handlers of
+``wallet.credits_added``, ``subscription.canceled`` and ``user.deleted`` issue
+the :func:`fulfill` and :func:`cancel` commands.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from fastavro import parse_schema
+from fastavro.validation import validate
+
+from schemas.contracts import ENVELOPE_FIELDS, schema_dict
+
+
+class OrderStatus(StrEnum):
+    """Where an order is in its life; stored and shown by these names."""
+
+    PENDING = "PENDING"
+    PAYMENT_PENDING = "PAYMENT_PENDING"
+    COMPLETED = "COMPLETED"
+    FULFILLED = "FULFILLED"
+    PARTIALLY_REFUNDED = "PARTIALLY_REFUNDED"
+    REFUNDED = "REFUNDED"
+    CANCELED = "CANCELED"
+    EXPIRED = "EXPIRED"
+
+
+#: The legal transitions, the one place they are written.  Every
+#: status-changing decision goes through :func:`_require_transition`, so this
+#: table *is* the state machine; the tests check the behaviour against it.
+TRANSITIONS: Mapping[OrderStatus, frozenset[OrderStatus]] = MappingProxyType(
+    {
+        OrderStatus.PENDING: frozenset(
+            {
+                OrderStatus.PAYMENT_PENDING,
+                OrderStatus.COMPLETED,
+                OrderStatus.CANCELED,
+                OrderStatus.EXPIRED,
+            }
+        ),
+        OrderStatus.PAYMENT_PENDING: frozenset(
+            {OrderStatus.COMPLETED, OrderStatus.CANCELED, OrderStatus.EXPIRED}
+        ),
+        OrderStatus.COMPLETED: frozenset(
+            {OrderStatus.FULFILLED, OrderStatus.PARTIALLY_REFUNDED, OrderStatus.REFUNDED}
+        ),
+        OrderStatus.FULFILLED: frozenset({OrderStatus.PARTIALLY_REFUNDED, OrderStatus.REFUNDED}),
+        OrderStatus.PARTIALLY_REFUNDED: frozenset({OrderStatus.PARTIALLY_REFUNDED, OrderStatus.REFUNDED}),
+        OrderStatus.REFUNDED: frozenset(),
+        OrderStatus.CANCELED: frozenset(),
+        OrderStatus.EXPIRED: frozenset(),
+    }
+)
+
+#: Statuses no event or command leaves.
+TERMINAL_STATUSES: frozenset[OrderStatus] = frozenset(
+    status for status, targets in TRANSITIONS.items() if not targets
+)
+
+#: Statuses of an unpaid order: it can still be changed, paid, canceled or expire.
+OPEN_STATUSES: frozenset[OrderStatus] = frozenset({OrderStatus.PENDING, OrderStatus.PAYMENT_PENDING})
+
+#: Statuses in which the order's money has been received (some may be returned).
+PAID_STATUSES: frozenset[OrderStatus] = frozenset(
+    {
+        OrderStatus.COMPLETED,
+        OrderStatus.FULFILLED,
+        OrderStatus.PARTIALLY_REFUNDED,
+        OrderStatus.REFUNDED,
+    }
+)
+
+#: How many applied event/command ids a row remembers.  An order sees a
+#: handful of events in its life, so 128 covers every redelivery Kafka can
+#: produce (a consumer re-reading an uncommitted batch) while keeping the row
+#: small; a replay older than that is still caught by the business-key checks
+#: or refused by the transition table.
+MAX_APPLIED_IDS = 128
+
+#: Topics the order aggregate emits (order.created is not among them: it is the
+#: event that creates the row, produced by the API).
+ORDER_PAYMENT_PENDING = "order.payment_pending"
+ORDER_COMPLETED = "order.completed"
+ORDER_CANCELED = "order.canceled"
+ORDER_REFUNDED = "order.refunded"
+ORDER_FULFILLED = "order.fulfilled"
+ORDER_UPDATED = "order.updated"
+ORDER_EXPIRED = "order.expired"
+EMITTED_TOPICS: tuple[str, ...] = (
+    ORDER_PAYMENT_PENDING,
+    ORDER_COMPLETED,
+    ORDER_CANCELED,
+    ORDER_REFUNDED,
+    ORDER_FULFILLED,
+    ORDER_UPDATED,
+    ORDER_EXPIRED,
+)
+_ORDER_CREATED = "order.created"
+
+
+# --------------------------------------------------------------------------
+# What the contracts say, read once at import so a renamed field or symbol
+# fails loudly here instead of producing events the encoder rejects.
+
+
+def _field_schema(topic: str, name: str) -> Any:
+    for spec in schema_dict(topic)["fields"]:
+        if spec["name"] == name:
+            return spec["type"]
+    raise LookupError(f"contract {topic} has no field {name!r}; tables/order_state.py needs it")
+
+
+def _named_branch(type_: Any, kind: str) -> dict[str, Any]:
+    branches = type_ if isinstance(type_, list) else [type_]
+    for branch in branches:
+        if isinstance(branch, dict) and branch.get("type") == kind:
+            return branch
+    raise LookupError(f"expected an inline Avro {kind}, found {type_!r}")
+
+
+_ORDER_TYPE_ENUM = _named_branch(_field_schema(_ORDER_CREATED, "order_type"), "enum")
+
+#: Order types a producer may write.  The enum's default is the reader-side
+#: fallback for symbols added later ("producers never write it", says the
+#: contract), so an order can never be created with it.
+ORDER_TYPES: frozenset[str] = frozenset(_ORDER_TYPE_ENUM["symbols"]) - {_ORDER_TYPE_ENUM.get("default")}
+
+#: Reasons an order.canceled may carry (all symbols: OTHER is a real reason too).
+CANCEL_REASONS: frozenset[str] = frozenset(
+    _named_branch(_field_schema(ORDER_CANCELED, "reason"), "enum")["symbols"]
+)
+
+
+def _cancel_reason(symbol: str) -> str:
+    if symbol not in CANCEL_REASONS:
+        raise LookupError(f"{ORDER_CANCELED}: reason enum lacks {symbol!r}")
+    return symbol
+
+
+REASON_USER_REQUESTED = _cancel_reason("USER_REQUESTED")
+REASON_PAYMENT_FAILED = _cancel_reason("PAYMENT_FAILED")
+
+_ITEM_RECORD = _named_branch(_field_schema(_ORDER_CREATED, "items"), "array")["items"]
+_ITEM_SCHEMA = parse_schema(copy.deepcopy(_ITEM_RECORD))
+#: Fields of one order line (OrderItem), in contract order, with their defaults.
+_ITEM_FIELDS: tuple[tuple[str, bool, Any], ...] = tuple(
+    (spec["name"], "default" in spec, spec.get("default")) for spec in _ITEM_RECORD["fields"]
+)
+
+
+class _PayloadField(NamedTuple):
+    name: str
+    has_default: bool
+    default: Any
+
+
+def _payload_spec(topic: str) -> tuple[_PayloadField, ...]:
+    envelope = set(ENVELOPE_FIELDS)
+    return tuple(
+        _PayloadField(spec["name"], "default" in spec, spec.get("default"))
+        for spec in schema_dict(topic)["fields"]
+        if spec["name"] not in envelope
+    )
+
+
+_PAYLOAD_SPECS: Mapping[str, tuple[_PayloadField, ...]] = MappingProxyType(
+    {topic: _payload_spec(topic) for topic in EMITTED_TOPICS}
+)
+
+
+def _payload(topic: str, **values: Any) -> dict[str, Any]:
+    """Exactly the non-envelope fields of ``topic``: given values, else schema defaults.
+
+    A field the contract lacks, or a required one not given, is a bug in this
+    module (a contract changed under it), not bad input, hence RuntimeError:
+    it must fail the tests rather than be dead-lettered as a business error.
+    """
+    spec = _PAYLOAD_SPECS[topic]
+    unknown = sorted(set(values) - {f.name for f in spec})
+    if unknown:
+        raise RuntimeError(f"{topic}: contract has no field(s) {', '.join(unknown)}")
+    payload: dict[str, Any] = {}
+    for f in spec:
+        if f.name in values:
+            payload[f.name] = values[f.name]
+        elif f.has_default:
+            payload[f.name] = copy.deepcopy(f.default)
+        else:
+            raise RuntimeError(f"{topic}: required field {f.name!r} not filled by order_state")
+    return payload
+
+
+# --------------------------------------------------------------------------
+# Errors
+
+
+class IllegalTransition(ValueError):
+    """A well-formed event or command that the order's current state forbids.
+
+    The agent dead-letters it with ``str(exc)``; the API answers 409.  The
+    attributes let both report it without parsing the message.
+    """
+
+    def __init__(
+        self,
+        order_id: str,
+        current: OrderStatus | None,
+        action: str,
+        target: OrderStatus | None = None,
+        detail: str = "",
+    ) -> None:
+        self.order_id = order_id
+        self.current = current
+        self.action = action
+        self.target = target
+        self.detail = detail
+        where = "does not exist" if current is None else f"is {current.value}"
+        to = f" (to {target.value})" if target is not None else ""
+        message = f"order {order_id!r} {where}: cannot {action}{to}"
+        if detail:
+            message = f"{message}: {detail}"
+        super().__init__(message)
+
+
+class OrderNotFound(IllegalTransition):
+    """An event or command for an order id that has no row (the API's 404)."""
+
+    def __init__(self, order_id: str, action: str) -> None:
+        super().__init__(order_id, None, action)
+
+
+class InvalidCommand(ValueError):
+    """Malformed input: a missing or mistyped field, a field that may not be
+    patched, a negative amount, an unknown command.  Distinct from
+    :class:`IllegalTransition` because retrying it can never succeed, whatever
+    the order's state (the API's 422).
+    """
+
+    def __init__(self, message: str, *, order_id: str | None = None, field: str | None = None) -> None:
+        self.order_id = order_id
+        self.field = field
+        prefix = f"order {order_id!r}: " if order_id else ""
+        super().__init__(f"{prefix}{message}")
+
+
+# --------------------------------------------------------------------------
+# The row
+
+
+@dataclass(slots=True)
+class Order:
+    """One order row of the orders table (stored as :meth:`to_dict`).
+
+    Amounts are integers in minor units of ``currency``.  ``created_at_ms`` is
+    the time of the order.created event (the order's own fact time, on which
+    the payment deadline is based); the other ``*_at_ms`` are the processing
+    times passed to the decisions.  ``payment_deadline_ms`` is kept after the
+    order leaves the open states, as the record of when payment was due.
+    """
+
+    order_id: str
+    user_id: str
+    order_type: str
+    status: OrderStatus
+    total_amount: int
+    currency: str
+    items: list[dict[str, Any]]
+    created_at_ms: int
+    updated_at_ms: int
+    payment_deadline_ms: int | None = None
+    payment_intent_id: str | None = None
+    payment_id: str | None = None
+    subscription_id: str | None = None
+    refunded_amount: int = 0
+    refund_ids: list[str] = field(default_factory=list)
+    cancel_reason: str | None = None
+    cancel_detail: str | None = None
+    fulfillment_details: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    completed_at_ms: int | None = None
+    fulfilled_at_ms: int | None = None
+    closed_at_ms: int | None = None
+    applied_event_ids: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form for the table: only str, int, None, lists and dicts.
+
+        Deep-copied, so the stored value never aliases the live object.
+        """
+        data = dataclasses.asdict(self)
+        data["status"] = self.status.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Order:
+        """Read a row written by :meth:`to_dict`, by this or another version.
+
+        Optional keys may be missing (a row written before they existed) and
+        unknown keys are ignored (a row written by a newer version), so rows
+        survive rolling deploys and changelog rebuilds.  Raises ``ValueError``
+        when a key the order cannot exist without is missing.
+        """
+        missing = [name for name in _REQUIRED_ROW_KEYS if name not in data]
+        if missing:
+            raise ValueError(f"order row lacks required key(s) {', '.join(missing)}")
+        created_at_ms = int(data["created_at_ms"])
+        return cls(
+            order_id=str(data["order_id"]),
+            user_id=str(data["user_id"]),
+            order_type=str(data["order_type"]),
+            status=OrderStatus(data["status"]),
+            total_amount=int(data["total_amount"]),
+            currency=str(data["currency"]),
+            items=[dict(item) for item in data.get("items") or []],
+            created_at_ms=created_at_ms,
+            updated_at_ms=int(data.get("updated_at_ms", created_at_ms)),
+            payment_deadline_ms=_optional_int(data.get("payment_deadline_ms")),
+            payment_intent_id=data.get("payment_intent_id"),
+            payment_id=data.get("payment_id"),
+            subscription_id=data.get("subscription_id"),
+            refunded_amount=int(data.get("refunded_amount") or 0),
+            refund_ids=list(data.get("refund_ids") or []),
+            cancel_reason=data.get("cancel_reason"),
+            cancel_detail=data.get("cancel_detail"),
+            fulfillment_details=dict(data.get("fulfillment_details") or {}),
+            metadata=dict(data.get("metadata") or {}),
+            completed_at_ms=_optional_int(data.get("completed_at_ms")),
+            fulfilled_at_ms=_optional_int(data.get("fulfilled_at_ms")),
+            closed_at_ms=_optional_int(data.get("closed_at_ms")),
+            applied_event_ids=list(data.get("applied_event_ids") or [])[-MAX_APPLIED_IDS:],
+        )
+
+
+_REQUIRED_ROW_KEYS = (
+    "order_id",
+    "user_id",
+    "order_type",
+    "status",
+    "total_amount",
+    "currency",
+    "created_at_ms",
+)
+_ORDER_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Order))
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+# --------------------------------------------------------------------------
+# Decisions
+
+
+class Emission(NamedTuple):
+    """One event the agent must produce: ``new_event(topic, payload, cause=...)``.
+
+    ``discriminator`` tells apart two emissions of one topic caused by one
+    event (usually ""), so an agent deriving deterministic event ids from
+    (cause id, topic, discriminator) gives a re-run the same ids.
+    """
+
+    topic: str
+    payload: dict[str, Any]
+    discriminator: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one event or command does; the agent applies all of it or nothing.
+
+    - ``order``: the new row to write; None when nothing changes (a no-op or a
+      duplicate), so the agent writes nothing.
+    - ``emit``: events to produce, caused by the input.
+    - ``duplicate``: the input's id was already applied; nothing changes.
+    - ``deadline_set`` / ``deadline_cleared``: payment deadline (epoch ms) to
+      add to / remove from the deadline index, so timers follow the row.
+    """
+
+    order: Order | None = None
+    emit: tuple[Emission, ...] = ()
+    duplicate: bool = False
+    deadline_set: int | None = None
+    deadline_cleared: int | None = None
+
+
+_NOOP = Decision()
+_DUPLICATE = Decision(duplicate=True)
+
+
+def _require_transition(order: Order, target: OrderStatus, action: str, detail: str = "") -> None:
+    if target not in TRANSITIONS[order.status]:
+        raise IllegalTransition(order.order_id, order.status, action, target, detail)
+
+
+def _evolve(order: Order, applied_id: str, now_ms: int, **changes: Any) -> Order:
+    """The next row: ``changes`` applied, the input's id remembered, time bumped.
+
+    Works on a deep copy, so the caller's row (which the agent may still
+    hold, or which a test compares against) is never mutated.
+    """
+    ids = [*order.applied_event_ids, applied_id][-MAX_APPLIED_IDS:]
+    return dataclasses.replace(copy.deepcopy(order), applied_event_ids=ids, updated_at_ms=now_ms, **changes)
+
+
+# --------------------------------------------------------------------------
+# Reading inputs
+
+
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+def _text(source: Mapping[str, Any], name: str, *, order_id: str | None = None) -> str:
+    value = source.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidCommand(
+            f"{name} must be a non-empty string, not {value!r}", order_id=order_id, field=name
+        )
+    return value
+
+
+def _optional_text(source: Mapping[str, Any], name: str, *, order_id: str | None = None) -> str | None:
+    value = source.get(name)
+    if value is not None and not isinstance(value, str):
+        raise InvalidCommand(f"{name} must be a string or null, not {value!r}", order_id=order_id, field=name)
+    return value
+
+
+def _int_value(value: Any, name: str, *, minimum: int, order_id: str | None = None) -> int:
+    # bool is an int subclass; True as an amount is a caller bug, not 1 cent.
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidCommand(
+            f"{name} must be an integer >= {minimum}, not {value!r}", order_id=order_id, field=name
+        )
+    return value
+
+
+def _int(source: Mapping[str, Any], name: str, *, minimum: int, order_id: str | None = None) -> int:
+    return _int_value(source.get(name), name, minimum=minimum, order_id=order_id)
+
+
+def _currency_value(value: Any, name: str = "currency", *, order_id: str | None = None) -> str:
+    if not isinstance(value, str) or not _CURRENCY.fullmatch(value):
+        raise InvalidCommand(
+            f"{name} must be an upper-case ISO-4217 code, not {value!r}",
+            order_id=order_id,
+            field=name,
+        )
+    return value
+
+
+def _message_id(message: Mapping[str, Any], key: str) -> str:
+    if not isinstance(message, Mapping):
+        raise InvalidCommand(f"expected a mapping, not {type(message).__name__}")
+    return _text(message, key)
+
+
+def _is_duplicate(order: Order | None, message_id: str) -> bool:
+    return order is not None and message_id in order.applied_event_ids
+
+
+def _target(order: Order | None, message: Mapping[str, Any], action: str) -> Order:
+    """The row ``message`` is about, checked against the row the agent loaded."""
+    order_id = _text(message, "order_id")
+    if order is None:
+        raise OrderNotFound(order_id, action)
+    if order.order_id != order_id:
+        raise InvalidCommand(
+            f"{action}: message for order {order_id!r} applied to order {order.order_id!r}",
+            order_id=order.order_id,
+            field="order_id",
+        )
+    return order
+
+
+def _items(raw: Any, *, order_id: str | None) -> list[dict[str, Any]]:
+    """Order lines checked against the contract's OrderItem record and normalised
+    to its shape (every field present, defaults filled), plus the rules a
+    schema cannot say: a product id, at least one unit, no negative price.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise InvalidCommand("items must be a non-empty list", order_id=order_id, field="items")
+    names = {name for name, _, _ in _ITEM_FIELDS}
+    lines: list[dict[str, Any]] = []
+    for index, item in enumerate(raw):
+        where = f"items[{index}]"
+        if not isinstance(item, Mapping):
+            raise InvalidCommand(f"{where} must be an object", order_id=order_id, field="items")
+        unknown = sorted(str(key) for key in item if key not in names)
+        if unknown:
+            raise InvalidCommand(
+                f"{where} has unknown field(s) {', '.join(unknown)}",
+                order_id=order_id,
+                field="items",
+            )
+        line: dict[str, Any] = {}
+        for name, has_default, default in _ITEM_FIELDS:
+            if name in item:
+                line[name] = item[name]
+            elif has_default:
+                line[name] = copy.deepcopy(default)
+            else:
+                raise InvalidCommand(f"{where} lacks {name}", order_id=order_id, field="items")
+        if isinstance(line.get("quantity"), bool) or isinstance(line.get("unit_amount"), bool):
+            raise InvalidCommand(f"{where}: amounts must be integers", order_id=order_id, field="items")
+        if not validate(line, _ITEM_SCHEMA, raise_errors=False):
+            raise InvalidCommand(
+                f"{where} does not match the OrderItem contract: {line!r}",
+                order_id=order_id,
+                field="items",
+            )
+        if not line["product_id"]:
+            raise InvalidCommand(f"{where}: product_id is empty", order_id=order_id, field="items")
+        if line["quantity"] < 1 or line["unit_amount"] < 0:
+            raise InvalidCommand(
+                f"{where}: quantity must be >= 1 and unit_amount >= 0",
+                order_id=order_id,
+                field="items",
+            )
+        lines.append(line)
+    return lines
+
+
+def _items_total(items: list[dict[str, Any]]) -> int:
+    return sum(int(line["quantity"]) * int(line["unit_amount"]) for line in items)
+
+
+def _check_args(command: Mapping[str, Any], name: str, allowed: frozenset[str]) -> None:
+    """Refuse unknown arguments: a misspelt ``reson`` must not cancel with the default."""
+    given = command.get("command", name)
+    if given != name:
+        raise InvalidCommand(f"command {given!r} passed to {name}", field="command")
+    unknown = sorted(str(key) for key in command if key not in _COMMAND_KEYS | allowed)
+    if unknown:
+        raise InvalidCommand(f"{name}: unknown argument(s) {', '.join(unknown)}", field=unknown[0])
+
+
+_COMMAND_KEYS = frozenset({"command_id", "command", "order_id"})
+
+
+# --------------------------------------------------------------------------
+# Events
+
+
+def on_order_created(
+    order: Order | None,
+    event: Mapping[str, Any],
+    now_ms: int,
+    default_window_ms: int,
+    *,
+    subscription_id: str | None = None,
+) -> Decision:
+    """order.created: a new PENDING order whose payment deadline starts a timer.
+
+    The deadline is ``occurred_at + default_window_ms``: based on the event's
+    time, not the processing time, so a replay computes the same deadline.
+    (order.created has no field to override the window per order.)
+    ``subscription_id`` links a recurring order to its subscription, for the
+    handler of subscription.created, because order.created cannot carry it.
+    An order.created for an existing id under another event id is a
+    duplicate order id: IllegalTransition, never a silent overwrite.
+    """
+    event_id = _message_id(event, "event_id")
+    if _is_duplicate(order, event_id):
+        return _DUPLICATE
+    if default_window_ms <= 0:
+        raise ValueError(f"default_window_ms must be > 0, not {default_window_ms}")
+    order_id = _text(event, "order_id")
+    if order is not None:
+        if order.order_id != order_id:
+            raise InvalidCommand(
+                f"order.created for {order_id!r} applied to order {order.order_id!r}",
+                order_id=order.order_id,
+                field="order_id",
+            )
+        raise IllegalTransition(
+            order_id,
+            order.status,
+            "create",
+            OrderStatus.PENDING,
+            f"order id already taken (event {event_id} is not the one that created it)",
+        )
+    user_id = _text(event, "user_id", order_id=order_id)
+    order_type = event.get("order_type")
+    if order_type not in ORDER_TYPES:
+        raise InvalidCommand(
+            f"order_type must be one of {', '.join(sorted(ORDER_TYPES))}, not {order_type!r}",
+            order_id=order_id,
+            field="order_type",
+        )
+    currency = _currency_value(event.get("currency"), order_id=order_id)
+    items = _items(event.get("items"), order_id=order_id)
+    total_amount = _int(event, "total_amount", minimum=0, order_id=order_id)
+    if total_amount != _items_total(items):
+        raise InvalidCommand(
+            f"total_amount {total_amount} is not the sum of the items ({_items_total(items)})",
+            order_id=order_id,
+            field="total_amount",
+        )
+    if subscription_id is not None and (not isinstance(subscription_id, str) or not subscription_id):
+        raise InvalidCommand(
+            "subscription_id must be a non-empty string or None", order_id=order_id, field="subscription_id"
+        )
+    occurred_at = _int(event, "occurred_at", minimum=0, order_id=order_id)
+    deadline = occurred_at + default_window_ms
+    created = Order(
+        order_id=order_id,
+        user_id=user_id,
+        order_type=str(order_type),
+        status=OrderStatus.PENDING,
+        total_amount=total_amount,
+        currency=currency,
+        items=items,
+        created_at_ms=occurred_at,
+        updated_at_ms=now_ms,
+        payment_deadline_ms=deadline,
+        subscription_id=subscription_id,
+        applied_event_ids=[event_id],
+    )
+    return Decision(order=created, deadline_set=deadline)
+
+
+def on_payment_intent_created(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
+    """payment.intent.created: the order now waits for the payer (PAYMENT_PENDING).
+
+    The intent's amount is deliberately not checked here: the order, not the
+    intent, says what is owed, and order.payment_pending (read by
+    payment_service) announces the order's amount so the intent can be kept
+    in line, e.g. after a PATCH raced the intent's creation.  The money is
+    checked where it moves, in :func:`on_payment_completed`.  The same intent
+    reported again (under another event id, or late after the order moved on)
+    is a no-op.
+    """
+    action = "await payment"
+    event_id = _message_id(event, "event_id")
+    if _is_duplicate(order, event_id):
+        return _DUPLICATE
+    current = _target(order, event, action)
+    intent_id = _text(event, "payment_intent_id", order_id=current.order_id)
+    if current.payment_intent_id == intent_id and current.status is not OrderStatus.PENDING:
+        return _NOOP
+    _require_transition(current, OrderStatus.PAYMENT_PENDING, action, f"PaymentIntent {intent_id}")
+    updated = _evolve(
+        current, event_id, now_ms, status=OrderStatus.PAYMENT_PENDING, payment_intent_id=intent_id
+    )
+    emission = Emission(
+        ORDER_PAYMENT_PENDING,
+        _payload(
+            ORDER_PAYMENT_PENDING,
+            order_id=updated.order_id,
+            user_id=updated.user_id,
+            payment_intent_id=intent_id,
+            amount=updated.total_amount,
+            currency=updated.currency,
+        ),
+    )
+    return Decision(order=updated, emit=(emission,))
+
+
+def on_payment_completed(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
+    """payment.completed (seed: ``handle_payment_completed``): COMPLETED, timer cancelled.
+
+    Refused (IllegalTransition, hence dead-lettered for a human to refund)
+    when the money does not fit the order: a wrong amount or currency, a
+    payment by another PaymentIntent than the order's, a second payment of a
+    paid order, a payment of an order already canceled or expired.  The same
+    payment reported again is a no-op.
+    """
+    action = "complete"
+    event_id = _message_id(event, "event_id")
+    if _is_duplicate(order, event_id):
+        return _DUPLICATE
+    current = _target(order, event, action)
+    payment_id = _text(event, "payment_intent_id", order_id=current.order_id)
+    amount = _int(event, "amount", minimum=0, order_id=current.order_id)
+    currency = _currency_value(event.get("currency"), order_id=current.order_id)
+    if current.payment_id == payment_id:
+        return _NOOP
+    if current.status in PAID_STATUSES:
+        detail = (
+            f"already paid by {current.payment_id}; payment {payment_id} is a second "
+            "payment and must be refunded"
+        )
+    elif current.status in TERMINAL_STATUSES:
+        detail = (
+            f"payment {payment_id} captured {amount} {currency} for an order that can no "
+            "longer be completed; it must be refunded"
+        )
+    else:
+        detail = f"payment {payment_id}"
+    _require_transition(current, OrderStatus.COMPLETED, action, detail)
+    if current.payment_intent_id is not None and current.payment_intent_id != payment_id:
+        raise IllegalTransition(
+            current.order_id,
+            current.status,
+            action,
+            OrderStatus.COMPLETED,
+            f"payment {payment_id} is not the order's PaymentIntent {current.payment_intent_id}",
+        )
+    if amount != current.total_amount or currency != current.currency:
+        raise IllegalTransition(
+            current.order_id,
+            current.status,
+            action,
+            OrderStatus.COMPLETED,
+            f"payment {payment_id} paid {amount} {currency}, the order totals "
+            f"{current.total_amount} {current.currency}",
+        )
+    updated = _evolve(
+        current,
+        event_id,
+        now_ms,
+        status=OrderStatus.COMPLETED,
+        payment_intent_id=payment_id,
+        payment_id=payment_id,
+        completed_at_ms=now_ms,
+    )
+    emission = Emission(
+        ORDER_COMPLETED,
+        _payload(
+            ORDER_COMPLETED,
+            order_id=updated.order_id,
+            user_id=updated.user_id,
+            order_type=updated.order_type,
+            total_amount=updated.total_amount,
+            currency=updated.currency,
+            payment_id=payment_id,
+        ),
+    )
+    return Decision(order=updated, emit=(emission,), deadline_cleared=current.payment_deadline_ms)
+
+
+def on_payment_failed(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
+    """payment.failed (seed: ``handle_payment_failed``): CANCELED, reason PAYMENT_FAILED.
+
+    The Stripe error (code and message) is kept as ``cancel_detail`` for
+    support and the order view.  A failure of the order's own intent once the
+    order is no longer open is moot (Stripe webhooks arrive out of order: a
+    failed attempt may be reported after the retry that succeeded), so it is
+    a no-op; a failure of another intent is refused.
+    """
+    action = "cancel on failed payment"
+    event_id = _message_id(event, "event_id")
+    if _is_duplicate(order, event_id):
+        return _DUPLICATE
+    current = _target(order, event, action)
+    intent_id = _text(event, "payment_intent_id", order_id=current.order_id)
+    message = event.get("error_message")
+    if not isinstance(message, str):
+        raise InvalidCommand(
+            "error_message must be a string", order_id=current.order_id, field="error_message"
+        )
+    code = _optional_text(event, "error_code", order_id=current.order_id)
+    if current.payment_intent_id == intent_id and current.status not in OPEN_STATUSES:
+        return _NOOP
+    _require_transition(current, OrderStatus.CANCELED, action, f"PaymentIntent {intent_id}")
+    if current.payment_intent_id is not None and current.payment_intent_id != intent_id:
+        raise IllegalTransition(
+            current.order_id,
+            current.status,
+            action,
+            OrderStatus.CANCELED,
+            f"PaymentIntent {intent_id} is not the order's {current.payment_intent_id}",
+        )
+    detail = f"{code}: {message}" if code else message
+    updated = _evolve(
+        current,
+        event_id,
+        now_ms,
+        status=OrderStatus.CANCELED,
+        payment_intent_id=intent_id,
+        cancel_reason=REASON_PAYMENT_FAILED,
+        cancel_detail=detail or None,
+        closed_at_ms=now_ms,
+    )
+    return Decision(
+        order=updated,
+        emit=(_canceled_emission(updated),),
+        deadline_cleared=current.payment_deadline_ms,
+    )
+
+
+def on_payment_refunded(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
+    """payment.refunded (seed: ``handle_payment_refunded``): money returned.
+
+    Refunds add up in ``refunded_amount``; the order is REFUNDED when they
+    reach ``total_amount``, PARTIALLY_REFUNDED before.  A refund beyond what
+    remains, of another payment, or in another currency is refused.  The same
+    refund id seen again (Stripe reports a refund on several webhooks) is a
+    no-op, so a refund is never counted twice.
+    """
+    action = "refund"
+    event_id = _message_id(event, "event_id")
+    if _is_duplicate(order, event_id):
+        return _DUPLICATE
+    current = _target(order, event, action)
+    payment_id = _text(event, "payment_id", order_id=current.order_id)
+    refund_id = _text(event, "refund_id", order_id=current.order_id)
+    amount = _int(event, "amount", minimum=1, order_id=current.order_id)
+    currency = _currency_value(event.get("currency"), order_id=current.order_id)
+    if refund_id in current.refund_ids:
+        return _NOOP
+    remaining = current.total_amount - current.refunded_amount
+    target = OrderStatus.REFUNDED if amount >= remaining else OrderStatus.PARTIALLY_REFUNDED
+    _require_transition(current, target, action, f"refund {refund_id} of {amount} {currency}")
+    if payment_id != current.payment_id:
+        raise IllegalTransition(
+            current.order_id,
+            current.status,
+            action,
+            target,
+            f"refund {refund_id} is of payment {payment_id}, the order was paid by {current.payment_id}",
+        )
+    if currency != current.currency:
+        raise IllegalTransition(
+            current.order_id,
+            current.status,
+            action,
+            target,
+            f"refund {refund_id} is in {currency}, the order in {current.currency}",
+        )
+    if amount > remaining:
+        raise IllegalTransition(
+            current.order_id,
+            current.status,
+            action,
+            target,
+            f"refund {refund_id} of {amount} exceeds the {remaining} that remains of "
+            f"{current.total_amount} {current.currency}",
+        )
+    updated = _evolve(
+        current,
+        event_id,
+        now_ms,
+        status=target,
+        refunded_amount=current.refunded_amount + amount,
+        refund_ids=[*current.refund_ids, refund_id],
+        closed_at_ms=now_ms if target is OrderStatus.REFUNDED else current.closed_at_ms,
+    )
+    emission = Emission(
+        ORDER_REFUNDED,
+        _payload(
+            ORDER_REFUNDED,
+            order_id=updated.order_id,
+            user_id=updated.user_id,
+            refund_id=refund_id,
+            payment_id=payment_id,
+            amount=amount,
+            currency=currency,
+        ),
+    )
+    return Decision(order=updated, emit=(emission,))
+
+
+def _canceled_emission(order: Order) -> Emission:
+    # Orders are canceled only while unpaid (TRANSITIONS), so nothing is owed back.
+    return Emission(
+        ORDER_CANCELED,
+        _payload(
+            ORDER_CANCELED,
+            order_id=order.order_id,
+            user_id=order.user_id,
+            reason=order.cancel_reason,
+            refund_amount=0,
+            currency=order.currency,
+        ),
+    )
+
+
+# --------------------------------------------------------------------------
+# Commands: {"command_id": str, "command": name, "order_id": str, ...args}
+
+
+def cancel(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
+    """Cancel an unpaid order: from the API, or for subscription.canceled / user.deleted.
+
+    Arguments: ``reason`` (an order.canceled reason symbol, default
+    USER_REQUESTED), ``detail`` (free text, optional), ``if_open`` (bool,
+    default False).  ``if_open`` turns "the order is no longer open" into a
+    no-op instead of an error: fan-out handlers (cancel all pending orders of
+    a user) race with payments, and losing that race is not a failure.
+    """
+    command_id = _message_id(command, "command_id")
+    if _is_duplicate(order, command_id):
+        return _DUPLICATE
+    _check_args(command, "cancel", frozenset({"reason", "detail", "if_open"}))
+    current = _target(order, command, "cancel")
+    reason = command.get("reason", REASON_USER_REQUESTED)
+    if reason not in CANCEL_REASONS:
+        raise InvalidCommand(
+            f"reason must be one of {', '.join(sorted(CANCEL_REASONS))}, not {reason!r}",
+            order_id=current.order_id,
+            field="reason",
+        )
+    detail = _optional_text(command, "detail", order_id=current.order_id)
+    if_open = command.get("if_open", False)
+    if not isinstance(if_open, bool):
+        raise InvalidCommand("if_open must be a boolean", order_id=current.order_id, field="if_open")
+    if if_open and current.status not in OPEN_STATUSES:
+        return _NOOP
+    _require_transition(
+        current,
+        OrderStatus.CANCELED,
+        "cancel",
+        "only an unpaid order can be canceled" if current.status in PAID_STATUSES else "",
+    )
+    updated = _evolve(
+        current,
+        command_id,
+        now_ms,
+        status=OrderStatus.CANCELED,
+        cancel_reason=str(reason),
+        cancel_detail=detail,
+        closed_at_ms=now_ms,
+    )
+    return Decision(
+        order=updated,
+        emit=(_canceled_emission(updated),),
+        deadline_cleared=current.payment_deadline_ms,
+    )
+
+
+def fulfill(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
+    """Record delivery of a paid order (e.g. on wallet.credits_added): FULFILLED.
+
+    Argument: ``fulfillment_details``, a string -> string map (default empty),
+    whose keys depend on the order type (see the order.fulfilled contract).
+    Only from COMPLETED: an order partly refunded before delivery needs a
+    human decision, not an automatic fulfilment.
+    """
+    command_id = _message_id(command, "command_id")
+    if _is_duplicate(order, command_id):
+        return _DUPLICATE
+    _check_args(command, "fulfill", frozenset({"fulfillment_details"}))
+    current = _target(order, command, "fulfill")
+    raw = command.get("fulfillment_details", {})
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, str) for key, value in raw.items()
+    ):
+        raise InvalidCommand(
+            "fulfillment_details must map strings to strings",
+            order_id=current.order_id,
+            field="fulfillment_details",
+        )
+    details = dict(raw)
+    _require_transition(current, OrderStatus.FULFILLED, "fulfill")
+    updated = _evolve(
+        current,
+        command_id,
+        now_ms,
+        status=OrderStatus.FULFILLED,
+        fulfillment_details=details,
+        fulfilled_at_ms=now_ms,
+    )
+    emission = Emission(
+        ORDER_FULFILLED,
+        _payload(
+            ORDER_FULFILLED,
+            order_id=updated.order_id,
+            user_id=updated.user_id,
+            order_type=updated.order_type,
+            fulfillment_details=dict(details),
+        ),
+    )
+    return Decision(order=updated, emit=(emission,))
+
+
+#: Fields a PATCH may name, in the order changes are applied and reported.
+#: ``total_amount`` is derived from the items (the order.created contract
+#: defines it as their sum), so a PATCH may repeat it only as a check of the
+#: new items; ``currency`` may change only together with new items, because
+#: the items' prices are in the order's currency and re-denominating them
+#: silently (1000 EUR cents -> 1000 JPY) would be wrong.  ``metadata`` is
+#: merged (JSON Merge Patch: a null value removes a key).  Everything else
+#: (ids, type, status, payment and refund data, timestamps) may not change.
+PATCHABLE_FIELDS: tuple[str, ...] = ("items", "total_amount", "currency", "metadata")
+
+#: Metadata limits, Stripe's own, so the map can be copied onto a PaymentIntent.
+MAX_METADATA_KEYS = 50
+MAX_METADATA_KEY_LENGTH = 40
+MAX_METADATA_VALUE_LENGTH = 500
+
+
+def _merged_metadata(current: dict[str, str], patch: Any, *, order_id: str) -> dict[str, str]:
+    if not isinstance(patch, Mapping):
+        raise InvalidCommand("metadata must be an object", order_id=order_id, field="metadata")
+    merged = dict(current)
+    for key, value in patch.items():
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_METADATA_KEY_LENGTH:
+            raise InvalidCommand(
+                f"metadata key {key!r} must be a string of 1..{MAX_METADATA_KEY_LENGTH} chars",
+                order_id=order_id,
+                field="metadata",
+            )
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, str) and len(value) <= MAX_METADATA_VALUE_LENGTH:
+            merged[key] = value
+        else:
+            raise InvalidCommand(
+                f"metadata[{key!r}] must be a string of at most {MAX_METADATA_VALUE_LENGTH} "
+                "chars, or null to remove it",
+                order_id=order_id,
+                field="metadata",
+            )
+    if len(merged) > MAX_METADATA_KEYS:
+        raise InvalidCommand(
+            f"metadata may hold at most {MAX_METADATA_KEYS} keys", order_id=order_id, field="metadata"
+        )
+    return merged
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def update(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
+    """PATCH an unpaid order (see :data:`PATCHABLE_FIELDS`): order.updated.
+
+    Argument: ``changes``, field -> new value.  Malformed changes are
+    InvalidCommand whatever the state; a valid change of an order that is no
+    longer open is IllegalTransition (its money has moved or never will).
+    Values equal to the current ones change nothing: if nothing differs, the
+    decision is a no-op and nothing is emitted.  An amount is reported
+    together with its currency (the order.updated contract asks for it).
+    While PAYMENT_PENDING, payment_service reads order.updated to bring the
+    PaymentIntent's amount in line before the payer confirms it.
+    """
+    command_id = _message_id(command, "command_id")
+    if _is_duplicate(order, command_id):
+        return _DUPLICATE
+    _check_args(command, "update", frozenset({"changes"}))
+    current = _target(order, command, "update")
+    order_id = current.order_id
+    changes = command.get("changes")
+    if not isinstance(changes, Mapping):
+        raise InvalidCommand("changes must be an object", order_id=order_id, field="changes")
+    for name in changes:
+        if name not in PATCHABLE_FIELDS:
+            why = "may not change" if name in _ORDER_FIELD_NAMES else "is not an order field"
+            raise InvalidCommand(
+                f"{name!r} {why}; a PATCH may change {', '.join(PATCHABLE_FIELDS)}",
+                order_id=order_id,
+                field=str(name),
+            )
+    items = _items(changes["items"], order_id=order_id) if "items" in changes else current.items
+    currency = current.currency
+    if "currency" in changes:
+        currency = _currency_value(changes["currency"], order_id=order_id)
+        if currency != current.currency and "items" not in changes:
+            raise InvalidCommand(
+                "currency may change only together with items priced in the new currency",
+                order_id=order_id,
+                field="currency",
+            )
+    total = _items_total(items)
+    if "total_amount" in changes:
+        given = _int_value(changes["total_amount"], "total_amount", minimum=0, order_id=order_id)
+        if given != total:
+            raise InvalidCommand(
+                f"total_amount {given} is not the sum of the items ({total}); the total is "
+                "derived from the items",
+                order_id=order_id,
+                field="total_amount",
+            )
+    metadata = (
+        _merged_metadata(current.metadata, changes["metadata"], order_id=order_id)
+        if "metadata" in changes
+        else current.metadata
+    )
+    if current.status not in OPEN_STATUSES:
+        raise IllegalTransition(
+            order_id, current.status, "update", None, "an order can be changed only before it is paid"
+        )
+
+    diff: dict[str, str] = {}
+    if items != current.items:
+        diff["items"] = _json(items)
+    if total != current.total_amount or currency != current.currency:
+        diff["total_amount"] = _json(total)
+        diff["currency"] = _json(currency)
+    if metadata != current.metadata:
+        diff["metadata"] = _json(metadata)
+    if not diff:
+        return _NOOP
+    updated = _evolve(
+        current,
+        command_id,
+        now_ms,
+        items=copy.deepcopy(items),
+        total_amount=total,
+        currency=currency,
+        metadata=dict(metadata),
+    )
+    emission = Emission(
+        ORDER_UPDATED,
+        _payload(
+            ORDER_UPDATED,
+            order_id=order_id,
+            user_id=updated.user_id,
+            changes=diff,
+            updated_fields=list(diff),
+        ),
+    )
+    return Decision(order=updated, emit=(emission,))
+
+
+def expire(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
+    """The payment timer fired: EXPIRED if the order is still unpaid and due.
+
+    Not an error otherwise, because a timer races with payment and
+    cancellation: an order that is no longer open (or no longer exists) is a
+    no-op that also clears its deadline from the index, and an order not yet
+    due (a timer that fired early) is a no-op that re-arms it.
+    """
+    command_id = _message_id(command, "command_id")
+    if _is_duplicate(order, command_id):
+        return _DUPLICATE
+    _check_args(command, "expire", frozenset())
+    order_id = _text(command, "order_id")
+    if order is None:
+        return _NOOP
+    current = _target(order, command, "expire")
+    deadline = current.payment_deadline_ms
+    if deadline is None:
+        return _NOOP
+    if current.status not in OPEN_STATUSES:
+        return Decision(deadline_cleared=deadline)
+    if now_ms < deadline:
+        return Decision(deadline_set=deadline)
+    _require_transition(current, OrderStatus.EXPIRED, "expire")
+    updated = _evolve(current, command_id, now_ms, status=OrderStatus.EXPIRED, closed_at_ms=now_ms)
+    emission = Emission(
+        ORDER_EXPIRED,
+        _payload(
+            ORDER_EXPIRED,
+            order_id=order_id,
+            user_id=updated.user_id,
+            payment_intent_id=updated.payment_intent_id,
+            expired_at=deadline,
+        ),
+    )
+    return Decision(order=updated, emit=(emission,), deadline_cleared=deadline)
+
+
+CommandHandler = Callable[[Order | None, Mapping[str, Any], int], Decision]
+
+#: Command name -> its decision function.
+COMMANDS: Mapping[str, CommandHandler] = MappingProxyType(
+    {"cancel": cancel, "fulfill": fulfill, "update": update, "expire": expire}
+)
+
+
+def apply_command(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
+    """Dispatch ``command`` by its ``command`` name; InvalidCommand for an unknown one."""
+    if not isinstance(command, Mapping):
+        raise InvalidCommand(f"a command must be a mapping, not {type(command).__name__}")
+    name = command.get("command")
+    handler = COMMANDS.get(name) if isinstance(name, str) else None
+    if handler is None:
+        raise InvalidCommand(f"unknown command {name!r}; known: {', '.join(COMMANDS)}", field="command")
+    return handler(order, command, now_ms)
+
+
+# --------------------------------------------------------------------------
+# Queries
+
+
+def is_open(order: Order) -> bool:
+    """Unpaid and still payable: may be changed, canceled, paid or expire."""
+    return order.status in OPEN_STATUSES
+
+
+def awaiting_fulfilment(order: Order) -> bool:
+    """Paid and not yet delivered: what the fulfilment handlers look for."""
+    return order.status is OrderStatus.COMPLETED
+
+
+def refundable_amount(order: Order) -> int:
+    """What may still be refunded: nothing before payment, the unrefunded rest after."""
+    if order.status not in PAID_STATUSES:
+        return 0
+    return order.total_amount - order.refunded_amount
+
+
+def order_summary(order: Order) -> dict[str, Any]:
+    """A row of the user -> orders index.
+
+    Enough to list a user's orders and to pick the ones a fan-out handler
+    must act on (user.deleted: the open ones; subscription.canceled: the open
+    ones of that subscription) without loading every order row.
+    """
+    return {
+        "order_id": order.order_id,
+        "status": order.status.value,
+        "order_type": order.order_type,
+        "subscription_id": order.subscription_id,
+        "total_amount": order.total_amount,
+        "currency": order.currency,
+        "created_at_ms": order.created_at_ms,
+    }
+
+
+def order_view(order: Order) -> dict[str, Any]:
+    """The JSON body of GET /orders/{id}: the row without its bookkeeping.
+
+    ``applied_event_ids`` is internal (idempotency) and left out;
+    ``refundable_amount`` is added so clients need not re-derive the rule.
+    """
+    view = order.to_dict()
+    del view["applied_event_ids"]
+    view["refundable_amount"] = refundable_amount(order)
+    return view
