@@ -36,6 +36,7 @@ class PaystreamApp(faust.App):
     event_topics: dict[str, faust.TopicT]
 
     async def on_first_start(self) -> None:
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.prepare_topics)

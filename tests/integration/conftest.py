@@ -1,0 +1,49 @@
+"""Fixtures for tests against the real local broker: a registry and app settings."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.settings import Settings
+from tests.integration.registry_support import RegistryThread, drop_topic, registry_settings
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def registry_url(kafka_bootstrap: str) -> Iterator[str]:
+    """One real registry for the session, on its own ``_schemas`` copy.
+
+    Tests keep apart by their topic prefixes, hence by their subjects.
+    """
+    topic = f"t-schemas-session-{uuid.uuid4().hex[:8]}"
+    base = Settings.from_env(kafka_bootstrap_servers=kafka_bootstrap)
+    registry = RegistryThread(registry_settings(base, topic, _free_port())).start()
+    yield registry.url
+    registry.stop()
+    drop_topic(kafka_bootstrap, topic)
+
+
+@pytest.fixture
+def app_settings(
+    kafka_bootstrap: str, registry_url: str, unique_name: Callable[[str], str], tmp_path: Path
+) -> Settings:
+    """Settings for one test's own app: private topics, group, state dir and port."""
+    prefix = unique_name("app") + "."
+    return Settings.from_env(
+        kafka_bootstrap_servers=kafka_bootstrap,
+        schema_registry_url=registry_url,
+        topic_prefix=prefix,
+        app_id=f"{prefix}paystream",
+        state_dir=tmp_path / "state",
+        worker_web_port=_free_port(),
+    )
