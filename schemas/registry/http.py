@@ -42,10 +42,7 @@ def reply_raw(text: str) -> web.Response:
 
 async def body(request: web.Request) -> Any:
     """The request body as JSON; anything unparseable is a 400 Confluent error."""
-    try:
-        raw = await request.read()
-    except web.HTTPException:
-        raise
+    raw = await request.read()
     if not raw.strip():
         raise errors.bad_request("Request body is empty; a JSON object was expected")
     try:

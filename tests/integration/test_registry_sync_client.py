@@ -233,3 +233,23 @@ def test_non_avro_schema_type_is_refused(client, unique_name):
         client.register_schema(subject, Schema('{"type": "object"}', "JSON"))
     assert refused.value.error_code == 42201
     assert "AVRO" in refused.value.error_message
+
+
+def test_import_mode_keeps_the_given_id_and_version(client, registry, unique_name):
+    import httpx
+
+    subject = unique_name("imported") + "-value"
+    url = f"{registry.url}/subjects/{subject}/versions"
+    refused = httpx.post(url, json={"schema": V1, "id": 4242, "version": 3})
+    assert (refused.status_code, refused.json()["error_code"]) == (422, 42205)
+
+    assert client.update_mode(subject, "IMPORT") == "IMPORT"
+    imported = httpx.post(url, json={"schema": V1, "id": 4242, "version": 3})
+    assert imported.status_code == 200, imported.text
+    assert imported.json()["id"] == 4242
+    assert client.get_version(subject, 3).schema_id == 4242
+    client.update_mode(subject, "READWRITE")
+    # New ids continue after the highest imported one.
+    fresh = client.register_schema(unique_name("after") + "-value",
+                                   Schema(record_schema("After", ("x", "int")), "AVRO"))
+    assert fresh > 4242
