@@ -64,9 +64,8 @@ def delete_topics(bootstrap_servers: str, names: Iterable[str], *, timeout: floa
     names = list(names)
     if not names:
         return
-    for future in admin_client(bootstrap_servers).delete_topics(
-        names, operation_timeout=timeout
-    ).values():
+    admin = admin_client(bootstrap_servers)  # must outlive the futures (else _DESTROY)
+    for future in admin.delete_topics(names, operation_timeout=timeout).values():
         try:
             future.result(timeout)
         except KafkaException as exc:

@@ -15,6 +15,7 @@ import httpx
 from aiohttp import web
 
 from schemas.registry.server import create_app
+from streams.admin import delete_topics
 from streams.settings import Settings
 
 
@@ -90,19 +91,5 @@ def record_schema(name: str, *fields: tuple[str, object] | tuple[str, object, ob
 
 
 def drop_topic(bootstrap_servers: str, topic: str) -> None:
-    """Delete a test's registry topic, keeping the admin client alive until it is done.
-
-    (``streams.admin.delete_topics`` lets its AdminClient be destroyed before
-    the futures resolve, which fails with ``_DESTROY``.)
-    """
-    from confluent_kafka import KafkaError, KafkaException
-
-    from streams.admin import admin_client
-
-    admin = admin_client(bootstrap_servers)
-    for future in admin.delete_topics([topic], operation_timeout=30).values():
-        try:
-            future.result(30)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
-                raise
+    """Delete a test's registry topic."""
+    delete_topics(bootstrap_servers, [topic])

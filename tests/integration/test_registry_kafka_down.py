@@ -7,121 +7,32 @@ served from memory -> broker restarted on the same log dir -> writes work
 again.  A registry started while its broker is down answers 5xx until the
 broker appears, then loads and serves.
 
-The broker lives in one fixture, ``throwaway_broker``, so moving it onto
-``streams.localkafka`` later touches only that fixture.
+The broker is ``streams.localkafka.LocalKafka`` (what ``paystream kafka``
+runs) on free ports, stopped and restarted by its pid.
 """
 
 from __future__ import annotations
 
-import os
 import socket
-import subprocess
 import time
-import uuid
-from base64 import urlsafe_b64encode
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka.admin import AdminClient
 
+from streams.localkafka import LocalKafka
 from streams.settings import Settings
 from tests.integration.registry_support import RegistryThread, record_schema, registry_settings
 
 pytestmark = pytest.mark.integration
 
-KAFKA_CLASSPATH = os.environ.get("PAYSTREAM_KAFKA_CLASSPATH", "/tmp/kres/lib/*")
 V1 = record_schema("Wallet", ("wallet_id", "string"))
 V2 = record_schema("Wallet", ("wallet_id", "string"), ("label", ["null", "string"], None))
 V3 = record_schema("Wallet", ("wallet_id", "string"), ("label", ["null", "string"], None),
                    ("tier", "string", "basic"))
 #: A write while Kafka is down must be answered within this many seconds.
 WRITE_BOUND_SECONDS = 20.0
-
-
-class ThrowawayBroker:
-    """A single-node KRaft broker+controller in ``home``, started and stopped by pid."""
-
-    def __init__(self, home: Path, port: int, controller_port: int) -> None:
-        self.home = home
-        self.port = port
-        self.controller_port = controller_port
-        self.bootstrap = f"localhost:{port}"
-        self.properties = home / "server.properties"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def _java(self, main: str, *args: str) -> list[str]:
-        return [
-            "java", "-Xmx512m", "-Xms128m",
-            f"-Dkafka.logs.dir={self.home / 'logs'}",
-            "-cp", KAFKA_CLASSPATH, main, *args,
-        ]
-
-    def format(self) -> None:
-        self.properties.write_text("\n".join([
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@localhost:{self.controller_port}",
-            f"listeners=PLAINTEXT://localhost:{self.port},CONTROLLER://localhost:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://localhost:{self.port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={self.home / 'data'}",
-            "offsets.topic.replication.factor=1",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "share.coordinator.state.topic.min.isr=1",
-            "auto.create.topics.enable=false",
-            "group.initial.rebalance.delay.ms=0",
-            "",
-        ]))
-        # What `StorageTool random-uuid` prints: a random UUID in Kafka's base64url form.
-        cluster_id = urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", cluster_id,
-                       "-c", str(self.properties)),
-            check=True, capture_output=True, timeout=120,
-        )
-
-    def start(self, timeout: float = 90.0) -> None:
-        with open(self.home / "broker.out", "ab") as log:  # the child keeps its own copy
-            self._process = subprocess.Popen(
-                self._java("kafka.Kafka", str(self.properties)), stdout=log, stderr=subprocess.STDOUT
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise RuntimeError(f"broker exited with {self._process.returncode}; see "
-                                   f"{self.home / 'broker.out'}")
-            if self.answering():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"throwaway broker on {self.bootstrap} did not come up")
-
-    def answering(self) -> bool:
-        try:
-            with socket.create_connection(("localhost", self.port), timeout=1.0):
-                pass
-        except OSError:
-            return False
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        try:
-            return bool(admin.list_topics(timeout=3).brokers)
-        except Exception:  # any failure means "not yet"
-            return False
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 def _free_port() -> int:
@@ -131,10 +42,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def throwaway_broker(tmp_path: Path) -> Iterator[ThrowawayBroker]:
-    """A broker of this test's own; formatted, not started (the test decides when)."""
-    broker = ThrowawayBroker(tmp_path, _free_port(), _free_port())
-    broker.format()
+def throwaway_broker(tmp_path: Path) -> Iterator[LocalKafka]:
+    """A broker of this test's own (``paystream kafka``'s runner), not started yet."""
+    broker = LocalKafka(tmp_path / "kafka", port=_free_port(), controller_port=_free_port(), heap="512m")
     try:
         yield broker
     finally:
