@@ -587,11 +587,11 @@ def on_order_created(
 ) -> Decision:
     """order.created: a new PENDING order whose payment deadline starts a timer.
 
-    The deadline is ``occurred_at + default_window_ms``: based on the event's
-    time, not the processing time, so a replay computes the same deadline.
-    (order.created has no field to override the window per order.)
-    ``subscription_id`` links a recurring order to its subscription, for the
-    handler of subscription.created, because order.created cannot carry it.
+    The deadline is the event's ``expires_at`` (a per-order payment window)
+    or else ``occurred_at + default_window_ms``: based on the event's time,
+    not the processing time, so a replay computes the same deadline.  The
+    event's ``subscription_id`` (or the keyword, for callers that hold it
+    apart) links a recurring order to its subscription.
     An order.created for an existing id under another event id is a
     duplicate order id: IllegalTransition, never a silent overwrite.
     """
@@ -632,12 +632,17 @@ def on_order_created(
             order_id=order_id,
             field="total_amount",
         )
+    subscription_id = event.get("subscription_id") or subscription_id
     if subscription_id is not None and (not isinstance(subscription_id, str) or not subscription_id):
         raise InvalidCommand(
             "subscription_id must be a non-empty string or None", order_id=order_id, field="subscription_id"
         )
     occurred_at = _int(event, "occurred_at", minimum=0, order_id=order_id)
-    deadline = occurred_at + default_window_ms
+    expires_at = event.get("expires_at")
+    if expires_at is not None:
+        deadline = _int_value(expires_at, "expires_at", minimum=occurred_at + 1, order_id=order_id)
+    else:
+        deadline = occurred_at + default_window_ms
     created = Order(
         order_id=order_id,
         user_id=user_id,

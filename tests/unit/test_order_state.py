@@ -904,3 +904,22 @@ def test_summary_and_view() -> None:
     assert view["refunded_amount"] == 1000 and view["refundable_amount"] == 1500
     assert view["payment_id"] == "pi_1" and view["payment_deadline_ms"] == DEADLINE
     assert order_view(create())["refundable_amount"] == 0
+
+
+def test_order_created_carries_its_own_payment_window_and_subscription() -> None:
+    from streams.envelope import new_event
+
+    event = new_event(
+        "order.created",
+        {
+            "order_id": "o-window", "user_id": "u-1", "order_type": "SUBSCRIPTION",
+            "total_amount": 500, "currency": "EUR",
+            "items": [{"product_id": "plan-1", "quantity": 1, "unit_amount": 500}],
+            "subscription_id": "sub_1", "expires_at": 1_000_000 + 90_000,
+        },
+        producer="order_service", now_ms=1_000_000,
+    )
+    decision = on_order_created(None, event, 1_000_000, 1_800_000)
+    assert decision.deadline_set == 1_090_000
+    assert decision.order.payment_deadline_ms == 1_090_000
+    assert decision.order.subscription_id == "sub_1"
