@@ -10,4 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-REGISTRARS: list[Callable[[Any], None]] = []
+from agents import orders
+
+REGISTRARS: list[Callable[[Any], Any]] = [orders.register]

@@ -43,9 +43,10 @@ class PaystreamApp(faust.App):
 
     def prepare_topics(self) -> None:
         """Create the event topics and resolve their schema ids (blocking, at start)."""
+        prefix = self.settings.topic_prefix
         ensure_topics(
             self.settings.kafka_bootstrap_servers,
-            catalog.topic_settings(name_prefix=self.settings.topic_prefix),
+            catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix),
         )
         self.schema_cache.resolve({t.get_topic_name(): name for name, t in self.event_topics.items()})
 

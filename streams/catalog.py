@@ -214,6 +214,73 @@ _TOPICS = (
 CATALOG: Mapping[str, TopicSpec] = MappingProxyType({spec.name: spec for spec in _TOPICS})
 
 
+@dataclass(frozen=True)
+class InternalTopicSpec:
+    """A topic paystream uses only inside itself: no Avro contract, no outside reader.
+
+    Commands and index updates are JSON (they are our own plumbing and change
+    with the code); dead letters are the original bytes.  Event topics stay
+    the only contracts.
+    """
+
+    name: str
+    #: What the record key is.
+    key: str
+    partitions: int
+    cleanup_policy: CleanupPolicy
+    retention_ms: int
+    description: str
+
+    def settings(self, *, name_prefix: str = "",
+                 replication_factor: int = DEV_REPLICATION_FACTOR) -> TopicSettings:
+        return TopicSettings(
+            name=f"{name_prefix}{self.name}",
+            partitions=self.partitions,
+            replication_factor=replication_factor,
+            config={"cleanup.policy": self.cleanup_policy, "retention.ms": str(self.retention_ms)},
+        )
+
+
+ORDER_COMMANDS = "paystream.order-commands"
+USER_ORDER_INDEX = "paystream.user-order-index"
+SUBSCRIPTION_ORDER_INDEX = "paystream.subscription-order-index"
+DEAD_LETTERS = "paystream.dead-letters"
+
+#: Internal topics; keyed ones are co-partitioned with the event topics.
+INTERNAL_TOPICS: Mapping[str, InternalTopicSpec] = MappingProxyType({
+    spec.name: spec
+    for spec in (
+        InternalTopicSpec(
+            ORDER_COMMANDS, "order_id", EVENT_PARTITIONS, "delete", EVENT_RETENTION_MS,
+            "Commands for one order (create, cancel, fulfill, update, expire) from the API, "
+            "the index agents and the expiry timer; read by the order agent with order.* and "
+            "payment.*.",
+        ),
+        InternalTopicSpec(
+            USER_ORDER_INDEX, "user_id", EVENT_PARTITIONS, "delete", EVENT_RETENTION_MS,
+            "Repartition of order summaries by user_id, feeding the user -> orders index.",
+        ),
+        InternalTopicSpec(
+            SUBSCRIPTION_ORDER_INDEX, "subscription_id", EVENT_PARTITIONS, "delete",
+            EVENT_RETENTION_MS,
+            "Repartition of subscription orders by subscription_id, feeding the "
+            "subscription -> orders index.",
+        ),
+        InternalTopicSpec(
+            DEAD_LETTERS, "the original record's key", EVENT_PARTITIONS, "delete",
+            30 * 24 * 60 * 60 * 1000,
+            "Records an agent could not decode or apply: original bytes, with the error and "
+            "source topic/partition/offset in headers. Kept 30 days for replay.",
+        ),
+    )
+})
+
+
+def internal_topic_settings(name_prefix: str = "") -> list[TopicSettings]:
+    """Creation settings of the internal topics (the event topics' are :func:`topic_settings`)."""
+    return [spec.settings(name_prefix=name_prefix) for spec in INTERNAL_TOPICS.values()]
+
+
 def topic_spec(name: str) -> TopicSpec:
     """The declaration of topic ``name``; :class:`UnknownTopic` if there is none."""
     try:

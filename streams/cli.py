@@ -51,7 +51,10 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
     if args.action == "create":
         from streams.admin import ensure_topics
 
-        created = ensure_topics(settings.kafka_bootstrap_servers, catalog.topic_settings())
+        created = ensure_topics(
+            settings.kafka_bootstrap_servers,
+            catalog.topic_settings() + catalog.internal_topic_settings(),
+        )
         print(f"topics: created {len(created)}: {', '.join(sorted(created)) or '-'}")
         return 0
     catalog.print_topics(markdown=args.action == "markdown")
