@@ -115,4 +115,13 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     return 0
 
 
-app = create_app()
+def __getattr__(name: str) -> Any:
+    """``streams.app.app`` for ``faust -A streams.app``, built on first use.
+
+    Lazy, so importing this module (tests, ``paystream worker``) does not
+    build a second app from the environment.
+    """
+    if name == "app":
+        globals()["app"] = built = create_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
