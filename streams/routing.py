@@ -41,7 +41,11 @@ async def owner_response(
     """
     try:
         owner = app.router.key_store(table.name, key)
-    except KeyError as exc:
+    except (KeyError, TypeError) as exc:
+        # KeyError: no assignment of the changelog partition yet.  TypeError:
+        # aiokafka's producer metadata does not list the changelog topic yet
+        # (a worker starting before its tables exist: partitions_for_topic()
+        # is None), which would otherwise be a 500 with a traceback.
         raise NotOwnerYet(f"no worker owns {table.name}[{key!r}] yet") from exc
     here = URL(str(app.conf.canonical_url))
     if (owner.host, owner.port) == (here.host, here.port):
