@@ -72,7 +72,7 @@ def bench_codec(count: int) -> dict[str, Any]:
     return {"topic": topic, "bytes": len(codec.dumps(record)), "ours": our_rate, "raw": raw_rate}
 
 
-def run(target: str, settings: Settings, *, count: int) -> int:
+def run(target: str, settings: Settings, *, count: int, **options: Any) -> int:
     print(f"machine: {platform.machine()}, {platform.python_implementation()} "
           f"{platform.python_version()}, {_cpus()} cpus")
     if target == "codec":
@@ -82,6 +82,10 @@ def run(target: str, settings: Settings, *, count: int) -> int:
         print(f"  raw fastavro schemaless      : {result['raw']:>10,.0f} records/s")
         print(f"  ratio ours/raw               : {result['ours'] / result['raw']:.3f}")
         return 0
+    if target == "orders":
+        from streams.bench_orders import run_orders
+
+        return run_orders(settings, count=count, **options)
     raise ValueError(f"unknown benchmark {target!r}")
 
 

@@ -70,7 +70,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     from streams import bench
 
-    return bench.run(args.target, settings, count=args.count)
+    if args.target == "orders":
+        return bench.run(
+            "orders", settings, count=args.count or 2000, table_orders=args.table_orders,
+            deadlines=args.deadlines, concurrency=args.concurrency, deadline_span=args.deadline_span,
+            expiry_window=args.expiry_window, parts=[int(p) for p in args.parts.split(",") if p],
+        )
+    return bench.run(args.target, settings, count=args.count or 100_000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +105,21 @@ def build_parser() -> argparse.ArgumentParser:
     worker.set_defaults(handler=_worker)
 
     bench = commands.add_parser("bench", help="measure a path against a raw-client baseline")
-    bench.add_argument("target", choices=["codec"])
-    bench.add_argument("-n", "--count", type=int, default=100_000)
+    bench.add_argument("target", choices=["codec", "orders"])
+    bench.add_argument("-n", "--count", type=int, default=None,
+                       help="codec: records (default 100000); orders: order lifecycles (default 2000)")
+    bench.add_argument("--concurrency", type=int, default=200, help="orders: orders in flight")
+    bench.add_argument("--table-orders", type=int, default=1_000_000,
+                       help="orders: rows in the orders table for the RSS part")
+    bench.add_argument("--deadlines", type=int, default=100_000,
+                       help="orders: pending deadlines for the expiry part")
+    bench.add_argument("--deadline-span", type=float, default=1800.0,
+                       help="orders: seconds the pending deadlines are spread over (default: 30 min, "
+                            "the payment window)")
+    bench.add_argument("--expiry-window", type=float, default=30.0,
+                       help="orders: expiry lag is measured on the deadlines due in the first this "
+                            "many seconds (>= --deadline-span measures all of them)")
+    bench.add_argument("--parts", default="1,2,3,4", help="orders: which parts to run, e.g. 1,2")
     bench.set_defaults(handler=_bench)
     return parser
 
