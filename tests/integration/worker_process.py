@@ -1,0 +1,175 @@
+"""Run ``paystream worker`` as a real subprocess, the way it is deployed.
+
+:class:`WorkerProcess` starts the CLI with an environment of its own (topics,
+app id, state directory, web port), logs to a file, and knows when the worker
+is serving: its web port answers the order API with a JSON 404 for an unknown
+order, which needs the partition assignment (before it, the API answers 503).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+from streams.settings import ENVIRONMENT, Settings
+
+#: The repository root: the subprocess runs there, so ``streams`` imports.
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce ``settings`` in another process."""
+    env = {}
+    for variable, (attribute, _default) in ENVIRONMENT.items():
+        value = getattr(settings, attribute)
+        env[variable] = str(value)
+    return env
+
+
+class WorkerProcess:
+    """One ``paystream worker`` subprocess.
+
+    ``settings_env`` are the paystream variables (see :func:`settings_env`);
+    ``port`` and ``state_dir`` override WORKER_WEB_PORT and PAYSTREAM_STATE_DIR
+    so several workers of one app can share a machine.
+    """
+
+    def __init__(self, settings_env: Mapping[str, str], port: int, state_dir: Path | str,
+                 *, log_path: Path | str | None = None, name: str = "worker") -> None:
+        self.port = port
+        self.state_dir = Path(state_dir)
+        self.name = name
+        self.log_path = Path(log_path) if log_path else self.state_dir.parent / f"{name}-{port}.log"
+        self.url = f"http://127.0.0.1:{port}"
+        self.env = {
+            **os.environ,
+            **settings_env,
+            "WORKER_WEB_HOST": "127.0.0.1",
+            "WORKER_WEB_PORT": str(port),
+            "PAYSTREAM_STATE_DIR": str(self.state_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    # ------------------------------------------------------------------
+
+    def start(self, timeout: float = 60.0) -> WorkerProcess:
+        """Start the worker and wait until it serves the order API."""
+        self.launch()
+        self.wait_serving(timeout)
+        return self
+
+    def launch(self) -> None:
+        """Start the subprocess without waiting for it."""
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"{self.name} is running already")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")  # closed in _reap
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
+            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Block until GET /orders/<unknown id> answers a JSON 404.
+
+        Connection refused (web server not up) and 503 (no assignment yet,
+        or a rebalance) mean: not yet.  An exited process fails at once.
+        """
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            self.assert_running()
+            last = self.probe()
+            if last == 404:
+                return
+            time.sleep(0.25)
+        raise AssertionError(f"{self.name} not serving after {timeout}s (last answer {last!r})"
+                             f"\n{self.log_tail()}")
+
+    def probe(self) -> int | str:
+        """Status of GET /orders/<random id>: 404 (JSON) when serving, else why not."""
+        try:
+            answer = httpx.get(f"{self.url}/orders/{uuid.uuid4()}", timeout=5.0)
+        except httpx.TransportError as exc:
+            return type(exc).__name__
+        if answer.status_code == 404 and answer.headers.get("content-type", "").startswith(
+            "application/json"
+        ) and answer.json().get("error") == "not_found":
+            return 404
+        return answer.status_code
+
+    def routes(self) -> dict[str, dict[str, list[int]]]:
+        """Faust's ``/router/``: worker URL -> changelog topic -> partitions."""
+        answer = httpx.get(f"{self.url}/router/", timeout=5.0)
+        answer.raise_for_status()
+        return answer.json()
+
+    # ------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def assert_running(self) -> None:
+        if self.process is None:
+            raise AssertionError(f"{self.name} was never started")
+        code = self.process.poll()
+        if code is not None:
+            raise AssertionError(f"{self.name} exited with {code}\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self._reap()
+
+    def kill(self) -> int | None:
+        """SIGKILL at once (a crash: nothing is flushed or committed)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        return self._reap()
+
+    def _reap(self) -> int | None:
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return self.process.returncode if self.process is not None else None
+
+    # ------------------------------------------------------------------
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log_text().splitlines()[-lines:]
+        return f"--- {self.name} log ({self.log_path}) ---\n" + "\n".join(text)
+
+    def error_lines(self) -> list[str]:
+        """ERROR/CRITICAL log lines and tracebacks: a crashed agent only logs."""
+        return [line for line in self.log_text().splitlines()
+                if "[ERROR]" in line or "[CRITICAL]" in line or line.startswith("Traceback")]
