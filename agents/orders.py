@@ -137,14 +137,24 @@ class OrderService:
             event_id=derived_id(cause["event_id"], emission.topic, emission.discriminator),
         )
 
-    async def publish(self, events: Iterable[dict[str, Any]]) -> None:
-        """Send events and wait until Kafka acknowledged every one."""
+    async def publish(
+        self,
+        events: Iterable[dict[str, Any]],
+        records: Iterable[tuple[Any, str, dict[str, Any]]] = (),
+    ) -> None:
+        """Send events (and internal ``(topic, key, value)`` records), then wait for every ack.
+
+        Everything is handed to the producer before the first wait, so one
+        round trip to the broker covers all of them.
+        """
         pending = []
         for event in events:
             topic = event["event_type"]
             pending.append(await self.app.event_topic(topic).send(
                 key=catalog.record_key(topic, event), value=event,
             ))
+        for topic, key, value in records:
+            pending.append(await topic.send(key=key, value=value))
         for fut in pending:
             await fut
 
@@ -170,9 +180,7 @@ class OrderService:
         events = [*first, *(self._event(e, cause, at) for e in decision.emit)]
         updated = decision.order
         index_updates = self._index_updates(current, updated)
-        await self.publish(events)
-        for fut in [await topic.send(key=key, value=value) for topic, key, value in index_updates]:
-            await fut
+        await self.publish(events, index_updates)
         if updated is not None:
             self.orders[order_id] = updated.to_dict()
         if decision.deadline_cleared is not None:
