@@ -3,12 +3,16 @@
 Each worker owns some of the order partitions; an API request reaching the
 other worker must be answered by the owner (faust-streaming #514 broke this
 for str keys; Faust's own ``table_route`` also drops request bodies, which
-``streams.routing.owner_response`` forwards).
+``streams.routing.owner_response`` forwards).  Payment deadlines set while
+one worker owned every partition fire once, on whichever worker owns them
+after the rebalance; when a worker leaves, the other serves all orders from
+the changelog.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from aiokafka.partitioner import murmur2
 
 from streams import catalog
 from streams.settings import Settings
+from tests.integration.pipeline_support import EventReader
 from tests.integration.worker_process import WorkerProcess, settings_env
 
 pytestmark = pytest.mark.integration
@@ -67,11 +72,29 @@ def workers(app_settings: Settings, free_port: Callable[[], int], tmp_path: Path
 
 
 def test_two_workers_route_reads_and_commands_to_the_owner(
-    app_settings: Settings, workers: tuple[WorkerProcess, WorkerProcess]
+    app_settings: Settings, workers: tuple[WorkerProcess, WorkerProcess],
+    request: pytest.FixtureRequest,
 ) -> None:
     a, b = workers
     changelog = f"{app_settings.app_id}-orders-changelog"
     a.start(timeout=90)
+    reader = EventReader(app_settings, ["order.expired"])
+    request.addfinalizer(reader.close)
+
+    # Orders with a payment deadline while A owns every partition: two per
+    # partition (the API takes the order id a first worker chose), so some of
+    # these deadlines move to B in the rebalance and must fire there.
+    expiring: dict[str, int] = {}
+    with httpx.Client(timeout=30.0) as http:
+        while len(expiring) < 2 * catalog.EVENT_PARTITIONS:
+            order_id = str(uuid.uuid4())
+            if sum(partition_of(o) == partition_of(order_id) for o in expiring) == 2:
+                continue
+            answer = http.post(f"{a.url}/orders", json={**ORDER, "payment_window_seconds": 30},
+                               headers={"X-Paystream-Order-Id": order_id})
+            assert answer.status_code == 201, answer.text
+            assert answer.json()["order_id"] == order_id
+            expiring[order_id] = answer.json()["payment_deadline_ms"]
     b.start(timeout=90)
 
     # The group rebalanced when B joined: wait until both workers see the same
@@ -84,6 +107,7 @@ def test_two_workers_route_reads_and_commands_to_the_owner(
 
     owners = wait_for(split, 90, "both workers owning order partitions")
     assert isinstance(owners, dict)
+    assert time.time() * 1000 < min(expiring.values()) - 2_000, "rebalance too slow for this test"
     a.wait_serving(60)
     b.wait_serving(60)
 
@@ -127,6 +151,23 @@ def test_two_workers_route_reads_and_commands_to_the_owner(
         answer = http.post(f"{a.url}/orders/{order_id}/cancel", json={"reason": "NOT_A_REASON"})
         assert answer.status_code == 400, answer.text
         assert "reason" in answer.json()["message"]
+
+        # The deadlines fire after the rebalance, each once, on their new owners.
+        def all_expired() -> bool:
+            reader.poll(0.5)
+            return all(reader.events("order.expired", order_id=o) for o in expiring)
+
+        wait_for(all_expired, 60, "an order.expired for every deadline")
+        reader.poll(3.0)  # a few timer intervals more: no second order.expired
+        for order_id, deadline in expiring.items():
+            [expired] = reader.events("order.expired", order_id=order_id)
+            assert int(expired["expired_at"].timestamp() * 1000) == deadline
+        assert {owners[partition_of(o)] for o in expiring} == {a.url, b.url}
+        for order_id in expiring:
+            via_a = http.get(f"{a.url}/orders/{order_id}").json()
+            assert via_a["status"] == "EXPIRED"
+            assert http.get(f"{b.url}/orders/{order_id}").json() == via_a
+            created[order_id] = via_a
         assert_healthy(a, b)
 
         # B leaves: A takes over every partition and restores B's rows from the
