@@ -320,6 +320,13 @@ class OrderService:
                 "storage.quota_exceeded without suggested_product_id and suggested_amount: "
                 "no upgrade order can be priced", field="suggested_amount",
             )
+        if event.get("currency") is None:
+            # Refuse the event itself: a create command without a currency would be
+            # dead-lettered later, on the command topic, far from its cause.
+            raise order_state.InvalidCommand(
+                "storage.quota_exceeded with a suggested_amount but no currency: "
+                "no upgrade order can be priced", field="currency",
+            )
         amount = int(event["suggested_amount"])
         order_id = derived_id(event["event_id"], "storage-upgrade-order")
         await self._send_command(make_command(
