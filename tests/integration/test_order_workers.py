@@ -58,6 +58,21 @@ def assert_healthy(*workers: WorkerProcess) -> None:
         assert not worker.error_lines(), worker.log_tail(120)
 
 
+def create_with_retries(http: httpx.Client, url: str, body: dict, within: float = 90.0) -> httpx.Response:
+    """POST /orders as a careful client does: retry 503/504 under one Idempotency-Key.
+
+    Right after a rebalance the owner may still be restoring its tables; the
+    API then answers 503/504 and the retry must not create a second order.
+    """
+    key = str(uuid.uuid4())
+    deadline = time.monotonic() + within
+    while True:
+        answer = http.post(f"{url}/orders", json=body, headers={"Idempotency-Key": key})
+        if answer.status_code not in (503, 504) or time.monotonic() > deadline:
+            return answer
+        time.sleep(1.0)
+
+
 @pytest.fixture
 def workers(app_settings: Settings, free_port: Callable[[], int], tmp_path: Path
             ) -> Iterator[tuple[WorkerProcess, WorkerProcess]]:
@@ -117,7 +132,7 @@ def test_two_workers_route_reads_and_commands_to_the_owner(
         by_owner: dict[str, list[str]] = {a.url: [], b.url: []}
         while len(created) < 8 or min(len(ids) for ids in by_owner.values()) < 3:
             assert len(created) < 40, f"orders never spread over both workers: {by_owner}"
-            answer = http.post(f"{a.url}/orders", json=ORDER)
+            answer = create_with_retries(http, a.url, ORDER)
             assert answer.status_code == 201, answer.text
             order = answer.json()
             assert order["status"] == "PENDING"
