@@ -313,8 +313,8 @@ class OrderService:
     async def handle_storage_quota_exceeded(self, event: dict[str, Any], _: EventT) -> None:
         """storage.quota_exceeded: create the storage upgrade order storage_service suggests."""
         user_id = event["user_id"]
-        if not self._first_time(self.user_orders, user_id, event["event_id"]):
-            return
+        # Validate before marking the event seen: a refused event goes to the
+        # dead letters and may be replayed from there once it is mended.
         if event.get("suggested_product_id") is None or event.get("suggested_amount") is None:
             raise order_state.InvalidCommand(
                 "storage.quota_exceeded without suggested_product_id and suggested_amount: "
@@ -327,6 +327,8 @@ class OrderService:
                 "storage.quota_exceeded with a suggested_amount but no currency: "
                 "no upgrade order can be priced", field="currency",
             )
+        if not self._first_time(self.user_orders, user_id, event["event_id"]):
+            return
         amount = int(event["suggested_amount"])
         order_id = derived_id(event["event_id"], "storage-upgrade-order")
         await self._send_command(make_command(

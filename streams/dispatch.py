@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,3 @@ def json_topic(app: Any, name: str) -> faust.TopicT:
         acks=True,
     )
 
-
-def headers_of(event: EventT) -> Mapping[str, bytes]:
-    return dict(event.message.headers or [])
