@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from streams.settings import Settings
+from tests.integration.pipeline_support import Pipeline, private_settings
 from tests.integration.registry_support import RegistryThread, drop_topic, registry_settings
 
 
@@ -47,3 +49,22 @@ def app_settings(
         state_dir=tmp_path / "state",
         worker_web_port=_free_port(),
     )
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def pipe(
+    kafka_bootstrap: str, registry_url: str, tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[Pipeline]:
+    """One running app (and its clients) per test module; tests keep apart by their own ids.
+
+    An app start costs seconds, so modules whose tests can share one do
+    (they must use ``pytest.mark.asyncio(loop_scope="module")``).
+    """
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    state = tmp_path_factory.mktemp(name)
+    pipeline = await Pipeline.start(private_settings(kafka_bootstrap, registry_url, state, name))
+    try:
+        yield pipeline
+    finally:
+        await pipeline.stop()

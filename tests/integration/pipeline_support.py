@@ -495,3 +495,8 @@ class Pipeline:
         self.writer.send("payment.completed", self.payment(order))
         await self.reader.wait_for("order.completed", order_id=order_id)
         return await self.order(order_id)
+
+
+def uid(prefix: str) -> str:
+    """A unique id for one test's users, orders and subscriptions."""
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

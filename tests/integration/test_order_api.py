@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from tests.integration.pipeline_support import (
     Pipeline,
     assert_app_healthy,
-    private_settings,
+    uid,
     wait_until,
 )
 
@@ -26,20 +23,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 ITEMS = [{"product_id": "sku-1", "quantity": 2, "unit_amount": 1250}]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pipe(
-    kafka_bootstrap: str, registry_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Pipeline]:
-    state: Path = tmp_path_factory.mktemp("order-api")
-    pipeline = await Pipeline.start(private_settings(kafka_bootstrap, registry_url, state, "api"))
-    try:
-        yield pipeline
-    finally:
-        await pipeline.stop()
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def body(user_id: str, **fields: Any) -> dict[str, Any]:

@@ -9,11 +9,8 @@ Kafka reported when the record was written.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-import pytest_asyncio
 
 from streams import catalog
 from tests.integration.pipeline_support import (
@@ -21,22 +18,10 @@ from tests.integration.pipeline_support import (
     Pipeline,
     Sent,
     assert_app_healthy,
-    private_settings,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pipe(
-    kafka_bootstrap: str, registry_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Pipeline]:
-    state: Path = tmp_path_factory.mktemp("order-dead-letters")
-    pipeline = await Pipeline.start(private_settings(kafka_bootstrap, registry_url, state, "dlq"))
-    try:
-        yield pipeline
-    finally:
-        await pipeline.stop()
 
 
 def assert_untouched(letter: DeadLetter, record: Sent, reason: str) -> None:

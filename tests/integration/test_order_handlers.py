@@ -10,38 +10,20 @@ dead-letter topic with a plain consumer, and the state through the HTTP API.
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from tests.integration.pipeline_support import (
     Pipeline,
     assert_app_healthy,
-    private_settings,
+    uid,
     wait_until,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def pipe(
-    kafka_bootstrap: str, registry_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Pipeline]:
-    state: Path = tmp_path_factory.mktemp("order-handlers")
-    pipeline = await Pipeline.start(private_settings(kafka_bootstrap, registry_url, state, "handlers"))
-    try:
-        yield pipeline
-    finally:
-        await pipeline.stop()
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def now_ms() -> int:
