@@ -36,6 +36,17 @@ def registry_url(kafka_bootstrap: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def registry(
+    settings: Settings, unique_name: Callable[[str], str], free_port: Callable[[], int]
+) -> Iterator[RegistryThread]:
+    """A registry of this test's own, on its own ``_schemas`` copy (dropped afterwards)."""
+    topic = unique_name("schemas")
+    instance = RegistryThread(registry_settings(settings, topic, free_port())).start()
+    yield instance
+    instance.stop()
+    drop_topic(settings.kafka_bootstrap_servers, topic)
+
+@pytest.fixture
 def app_settings(
     kafka_bootstrap: str, registry_url: str, unique_name: Callable[[str], str], tmp_path: Path
 ) -> Settings:

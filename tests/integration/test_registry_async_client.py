@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from confluent_kafka.schema_registry import AsyncSchemaRegistryClient, Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from tests.integration.registry_support import (
-    RegistryThread,
-    drop_topic,
     record_schema,
-    registry_settings,
 )
 
 pytestmark = pytest.mark.integration
@@ -22,14 +17,6 @@ V2 = record_schema("Payment", ("payment_id", "string"), ("amount", "long"),
                    ("note", "string", ""))
 BREAKING = record_schema("Payment", ("payment_id", "long"))
 
-
-@pytest.fixture
-def registry(settings, unique_name, free_port) -> Iterator[RegistryThread]:
-    topic = unique_name("schemas")
-    instance = RegistryThread(registry_settings(settings, topic, free_port())).start()
-    yield instance
-    instance.stop()
-    drop_topic(settings.kafka_bootstrap_servers, topic)
 
 
 async def test_async_client_full_cycle(registry, unique_name):

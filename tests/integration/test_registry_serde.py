@@ -7,8 +7,6 @@ so this round trip proves the registry answers that lookup the right way.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -17,10 +15,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from streams.admin import TopicSettings, ensure_topics
 from tests.integration.registry_support import (
-    RegistryThread,
     drop_topic,
     record_schema,
-    registry_settings,
 )
 
 pytestmark = pytest.mark.integration
@@ -28,14 +24,6 @@ pytestmark = pytest.mark.integration
 ORDER = record_schema("OrderCreated", ("order_id", "string"), ("amount_minor", "long"),
                       ("currency", "string"))
 
-
-@pytest.fixture
-def registry(settings, unique_name, free_port) -> Iterator[RegistryThread]:
-    topic = unique_name("schemas")
-    instance = RegistryThread(registry_settings(settings, topic, free_port())).start()
-    yield instance
-    instance.stop()
-    drop_topic(settings.kafka_bootstrap_servers, topic)
 
 
 def test_associations_lookup_answers_404_with_confluent_body(registry):

@@ -13,10 +13,7 @@ from confluent_kafka.schema_registry.schema_registry_client import (
 )
 
 from tests.integration.registry_support import (
-    RegistryThread,
-    drop_topic,
     record_schema,
-    registry_settings,
 )
 
 pytestmark = pytest.mark.integration
@@ -27,14 +24,6 @@ V2 = record_schema("Order", ("order_id", "string"), ("amount", "long"),
 V2_REQUIRED = record_schema("Order", ("order_id", "string"), ("amount", "long"),
                             ("currency", "string"))
 
-
-@pytest.fixture
-def registry(settings, unique_name, free_port) -> Iterator[RegistryThread]:
-    topic = unique_name("schemas")
-    instance = RegistryThread(registry_settings(settings, topic, free_port())).start()
-    yield instance
-    instance.stop()
-    drop_topic(settings.kafka_bootstrap_servers, topic)
 
 
 @pytest.fixture
