@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from agents import orders
+from agents import orders, orders_api
 
-REGISTRARS: list[Callable[[Any], Any]] = [orders.register]
+#: In order: the API binds to the aggregates ``orders.register`` declares.
+REGISTRARS: list[Callable[[Any], Any]] = [orders.register, orders_api.register]

@@ -46,6 +46,18 @@ from fastavro import parse_schema
 from fastavro.validation import validate
 
 from schemas.contracts import ENVELOPE_FIELDS, schema_dict
+from streams.catalog import ORDER_COMMANDS, ORDER_SERVICE, SUBSCRIPTION_ORDER_INDEX, USER_ORDER_INDEX
+from tables import aggregate
+from tables.aggregate import (
+    DUPLICATE,
+    NOOP,
+    DeadlineEffect,
+    Decision,
+    Emission,
+    IdempotencyKeyReused,
+    Send,
+    Step,
+)
 
 
 class OrderStatus(StrEnum):
@@ -113,8 +125,8 @@ PAID_STATUSES: frozenset[OrderStatus] = frozenset(
 #: or refused by the transition table.
 MAX_APPLIED_IDS = 128
 
-#: Topics the order aggregate emits (order.created is not among them: it is the
-#: event that creates the row, produced by the API).
+#: Topics the order aggregate emits.
+ORDER_CREATED = "order.created"
 ORDER_PAYMENT_PENDING = "order.payment_pending"
 ORDER_COMPLETED = "order.completed"
 ORDER_CANCELED = "order.canceled"
@@ -123,6 +135,7 @@ ORDER_FULFILLED = "order.fulfilled"
 ORDER_UPDATED = "order.updated"
 ORDER_EXPIRED = "order.expired"
 EMITTED_TOPICS: tuple[str, ...] = (
+    ORDER_CREATED,
     ORDER_PAYMENT_PENDING,
     ORDER_COMPLETED,
     ORDER_CANCELED,
@@ -131,7 +144,6 @@ EMITTED_TOPICS: tuple[str, ...] = (
     ORDER_UPDATED,
     ORDER_EXPIRED,
 )
-_ORDER_CREATED = "order.created"
 
 
 # --------------------------------------------------------------------------
@@ -154,7 +166,7 @@ def _named_branch(type_: Any, kind: str) -> dict[str, Any]:
     raise LookupError(f"expected an inline Avro {kind}, found {type_!r}")
 
 
-_ORDER_TYPE_ENUM = _named_branch(_field_schema(_ORDER_CREATED, "order_type"), "enum")
+_ORDER_TYPE_ENUM = _named_branch(_field_schema(ORDER_CREATED, "order_type"), "enum")
 
 #: Order types a producer may write.  The enum's default is the reader-side
 #: fallback for symbols added later ("producers never write it", says the
@@ -176,7 +188,7 @@ def _cancel_reason(symbol: str) -> str:
 REASON_USER_REQUESTED = _cancel_reason("USER_REQUESTED")
 REASON_PAYMENT_FAILED = _cancel_reason("PAYMENT_FAILED")
 
-_ITEM_RECORD = _named_branch(_field_schema(_ORDER_CREATED, "items"), "array")["items"]
+_ITEM_RECORD = _named_branch(_field_schema(ORDER_CREATED, "items"), "array")["items"]
 _ITEM_SCHEMA = parse_schema(copy.deepcopy(_ITEM_RECORD))
 #: Fields of one order line (OrderItem), in contract order, with their defaults.
 _ITEM_FIELDS: tuple[tuple[str, bool, Any], ...] = tuple(
@@ -230,10 +242,10 @@ def _payload(topic: str, **values: Any) -> dict[str, Any]:
 # Errors
 
 
-class IllegalTransition(ValueError):
+class IllegalTransition(aggregate.Conflict):
     """A well-formed event or command that the order's current state forbids.
 
-    The agent dead-letters it with ``str(exc)``; the API answers 409.  The
+    The kernel dead-letters it with ``str(exc)``; the API answers 409.  The
     attributes let both report it without parsing the message.
     """
 
@@ -261,15 +273,18 @@ class IllegalTransition(ValueError):
 class OrderNotFound(IllegalTransition):
     """An event or command for an order id that has no row (the API's 404)."""
 
+    status = aggregate.NotFound.status
+    code = aggregate.NotFound.code
+
     def __init__(self, order_id: str, action: str) -> None:
         super().__init__(order_id, None, action)
 
 
-class InvalidCommand(ValueError):
+class InvalidCommand(aggregate.Invalid):
     """Malformed input: a missing or mistyped field, a field that may not be
     patched, a negative amount, an unknown command.  Distinct from
     :class:`IllegalTransition` because retrying it can never succeed, whatever
-    the order's state (the API's 422).
+    the order's state (the API's 400).
     """
 
     def __init__(self, message: str, *, order_id: str | None = None, field: str | None = None) -> None:
@@ -317,6 +332,7 @@ class Order:
     fulfilled_at_ms: int | None = None
     closed_at_ms: int | None = None
     applied_event_ids: list[str] = field(default_factory=list)
+    idempotency_keys: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form for the table: only str, int, None, lists and dicts.
@@ -364,6 +380,7 @@ class Order:
             fulfilled_at_ms=_optional_int(data.get("fulfilled_at_ms")),
             closed_at_ms=_optional_int(data.get("closed_at_ms")),
             applied_event_ids=list(data.get("applied_event_ids") or [])[-MAX_APPLIED_IDS:],
+            idempotency_keys=dict(data.get("idempotency_keys") or {}),
         )
 
 
@@ -387,40 +404,8 @@ def _optional_int(value: Any) -> int | None:
 # Decisions
 
 
-class Emission(NamedTuple):
-    """One event the agent must produce: ``new_event(topic, payload, cause=...)``.
-
-    ``discriminator`` tells apart two emissions of one topic caused by one
-    event (usually ""), so an agent deriving deterministic event ids from
-    (cause id, topic, discriminator) gives a re-run the same ids.
-    """
-
-    topic: str
-    payload: dict[str, Any]
-    discriminator: str = ""
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What one event or command does; the agent applies all of it or nothing.
-
-    - ``order``: the new row to write; None when nothing changes (a no-op or a
-      duplicate), so the agent writes nothing.
-    - ``emit``: events to produce, caused by the input.
-    - ``duplicate``: the input's id was already applied; nothing changes.
-    - ``deadline_set`` / ``deadline_cleared``: payment deadline (epoch ms) to
-      add to / remove from the deadline index, so timers follow the row.
-    """
-
-    order: Order | None = None
-    emit: tuple[Emission, ...] = ()
-    duplicate: bool = False
-    deadline_set: int | None = None
-    deadline_cleared: int | None = None
-
-
-_NOOP = Decision()
-_DUPLICATE = Decision(duplicate=True)
+_NOOP = NOOP
+_DUPLICATE = DUPLICATE
 
 
 def _require_transition(order: Order, target: OrderStatus, action: str, detail: str = "") -> None:
@@ -570,7 +555,52 @@ def _check_args(command: Mapping[str, Any], name: str, allowed: frozenset[str]) 
         raise InvalidCommand(f"{name}: unknown argument(s) {', '.join(unknown)}", field=unknown[0])
 
 
-_COMMAND_KEYS = frozenset({"command_id", "command", "order_id"})
+#: Keys every command may carry besides its own arguments: its id, verb and
+#: target, when it was issued, and the caller's Idempotency-Key with the
+#: fingerprint of the request's parameters (see :func:`_repeated_request`).
+_COMMAND_KEYS = frozenset(
+    {"command_id", "command", "order_id", "issued_at", "idempotency_key", "fingerprint"}
+)
+
+#: How many Idempotency-Keys an order remembers (with the fingerprint of the
+#: request each came with).  An order sees a handful of requests in its life;
+#: the key of the request that created it is kept for as long as the order.
+MAX_IDEMPOTENCY_KEYS = 32
+
+
+def _repeated_request(order: Order | None, command: Mapping[str, Any]) -> bool:
+    """Whether ``command`` repeats a request this order already applied, by Idempotency-Key.
+
+    The same key with the same parameters (fingerprint) is the same request:
+    True, the caller answers with the order as it is.  The same key with other
+    parameters raises IdempotencyKeyReused (422), as Stripe does.  Keys are
+    scoped by the order (and, for creates, by the user, whose key derives the
+    order id), so another caller's key never reaches this row.
+    """
+    key = command.get("idempotency_key")
+    if key is None:
+        return False
+    fingerprint = command.get("fingerprint")
+    if not isinstance(key, str) or not key or not isinstance(fingerprint, str):
+        raise InvalidCommand("idempotency_key and fingerprint must be non-empty strings",
+                             field="idempotency_key")
+    if order is None or key not in order.idempotency_keys:
+        return False
+    if order.idempotency_keys[key] == fingerprint:
+        return True
+    raise IdempotencyKeyReused(
+        f"order {order.order_id!r}: Idempotency-Key {key!r} was used with other parameters; "
+        "a key names one request"
+    )
+
+
+def _remember_request(order: Order, command: Mapping[str, Any]) -> Order:
+    """``order`` (a fresh copy from :func:`_evolve`) remembering the command's key."""
+    key = command.get("idempotency_key")
+    if key is not None:
+        keys = {**order.idempotency_keys, key: str(command["fingerprint"])}
+        order.idempotency_keys = dict(list(keys.items())[-MAX_IDEMPOTENCY_KEYS:])
+    return order
 
 
 # --------------------------------------------------------------------------
@@ -657,7 +687,7 @@ def on_order_created(
         subscription_id=subscription_id,
         applied_event_ids=[event_id],
     )
-    return Decision(order=created, deadline_set=deadline)
+    return Decision(row=created)
 
 
 def on_payment_intent_created(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
@@ -694,7 +724,7 @@ def on_payment_intent_created(order: Order | None, event: Mapping[str, Any], now
             currency=updated.currency,
         ),
     )
-    return Decision(order=updated, emit=(emission,))
+    return Decision(row=updated, emit=(emission,))
 
 
 def on_payment_completed(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
@@ -767,7 +797,7 @@ def on_payment_completed(order: Order | None, event: Mapping[str, Any], now_ms: 
             payment_id=payment_id,
         ),
     )
-    return Decision(order=updated, emit=(emission,), deadline_cleared=current.payment_deadline_ms)
+    return Decision(row=updated, emit=(emission,))
 
 
 def on_payment_failed(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
@@ -813,11 +843,7 @@ def on_payment_failed(order: Order | None, event: Mapping[str, Any], now_ms: int
         cancel_detail=detail or None,
         closed_at_ms=now_ms,
     )
-    return Decision(
-        order=updated,
-        emit=(_canceled_emission(updated),),
-        deadline_cleared=current.payment_deadline_ms,
-    )
+    return Decision(row=updated, emit=(_canceled_emission(updated),))
 
 
 def on_payment_refunded(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
@@ -889,7 +915,7 @@ def on_payment_refunded(order: Order | None, event: Mapping[str, Any], now_ms: i
             currency=currency,
         ),
     )
-    return Decision(order=updated, emit=(emission,))
+    return Decision(row=updated, emit=(emission,))
 
 
 def _canceled_emission(order: Order) -> Emission:
@@ -921,7 +947,7 @@ def cancel(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
     a user) race with payments, and losing that race is not a failure.
     """
     command_id = _message_id(command, "command_id")
-    if _is_duplicate(order, command_id):
+    if _repeated_request(order, command) or _is_duplicate(order, command_id):
         return _DUPLICATE
     _check_args(command, "cancel", frozenset({"reason", "detail", "if_open"}))
     current = _target(order, command, "cancel")
@@ -953,11 +979,8 @@ def cancel(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
         cancel_detail=detail,
         closed_at_ms=now_ms,
     )
-    return Decision(
-        order=updated,
-        emit=(_canceled_emission(updated),),
-        deadline_cleared=current.payment_deadline_ms,
-    )
+    _remember_request(updated, command)
+    return Decision(row=updated, emit=(_canceled_emission(updated),))
 
 
 def fulfill(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
@@ -969,7 +992,7 @@ def fulfill(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Dec
     human decision, not an automatic fulfilment.
     """
     command_id = _message_id(command, "command_id")
-    if _is_duplicate(order, command_id):
+    if _repeated_request(order, command) or _is_duplicate(order, command_id):
         return _DUPLICATE
     _check_args(command, "fulfill", frozenset({"fulfillment_details"}))
     current = _target(order, command, "fulfill")
@@ -992,6 +1015,7 @@ def fulfill(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Dec
         fulfillment_details=details,
         fulfilled_at_ms=now_ms,
     )
+    _remember_request(updated, command)
     emission = Emission(
         ORDER_FULFILLED,
         _payload(
@@ -1002,7 +1026,7 @@ def fulfill(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Dec
             fulfillment_details=dict(details),
         ),
     )
-    return Decision(order=updated, emit=(emission,))
+    return Decision(row=updated, emit=(emission,))
 
 
 #: Fields a PATCH may name, in the order changes are applied and reported.
@@ -1067,7 +1091,7 @@ def update(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
     PaymentIntent's amount in line before the payer confirms it.
     """
     command_id = _message_id(command, "command_id")
-    if _is_duplicate(order, command_id):
+    if _repeated_request(order, command) or _is_duplicate(order, command_id):
         return _DUPLICATE
     _check_args(command, "update", frozenset({"changes"}))
     current = _target(order, command, "update")
@@ -1132,6 +1156,7 @@ def update(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
         currency=currency,
         metadata=dict(metadata),
     )
+    _remember_request(updated, command)
     emission = Emission(
         ORDER_UPDATED,
         _payload(
@@ -1142,32 +1167,31 @@ def update(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
             updated_fields=list(diff),
         ),
     )
-    return Decision(order=updated, emit=(emission,))
+    return Decision(row=updated, emit=(emission,))
 
 
 def expire(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
-    """The payment timer fired: EXPIRED if the order is still unpaid and due.
+    """The payment timer fired (argument ``deadline_ms``, the deadline it handed over).
 
-    Not an error otherwise, because a timer races with payment and
-    cancellation: an order that is no longer open (or no longer exists) is a
-    no-op that also clears its deadline from the index, and an order not yet
-    due (a timer that fired early) is a no-op that re-arms it.
+    EXPIRED if the order is still unpaid and its deadline has passed.  Not an
+    error otherwise, because a timer races with payment and cancellation: an
+    order that is no longer open (or no longer exists) is a no-op, and the
+    kernel drops the handed-over deadline because :func:`deadline_of` no
+    longer wants it; an order not yet due (a timer that fired early) is a
+    no-op whose deadline the kernel re-asserts.
     """
     command_id = _message_id(command, "command_id")
     if _is_duplicate(order, command_id):
         return _DUPLICATE
-    _check_args(command, "expire", frozenset())
+    _check_args(command, "expire", frozenset({"deadline_ms"}))
+    _int(command, "deadline_ms", minimum=0)
     order_id = _text(command, "order_id")
     if order is None:
         return _NOOP
     current = _target(order, command, "expire")
     deadline = current.payment_deadline_ms
-    if deadline is None:
+    if deadline is None or current.status not in OPEN_STATUSES or now_ms < deadline:
         return _NOOP
-    if current.status not in OPEN_STATUSES:
-        return Decision(deadline_cleared=deadline)
-    if now_ms < deadline:
-        return Decision(deadline_set=deadline)
     _require_transition(current, OrderStatus.EXPIRED, "expire")
     updated = _evolve(current, command_id, now_ms, status=OrderStatus.EXPIRED, closed_at_ms=now_ms)
     emission = Emission(
@@ -1180,26 +1204,48 @@ def expire(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
             expired_at=deadline,
         ),
     )
-    return Decision(order=updated, emit=(emission,), deadline_cleared=deadline)
+    return Decision(row=updated, emit=(emission,))
 
 
-CommandHandler = Callable[[Order | None, Mapping[str, Any], int], Decision]
-
-#: Command name -> its decision function.
-COMMANDS: Mapping[str, CommandHandler] = MappingProxyType(
-    {"cancel": cancel, "fulfill": fulfill, "update": update, "expire": expire}
-)
+#: Arguments of a create command: the order.created payload's fields the
+#: requester chooses (the order id is the command's target).
+CREATE_ARGS = frozenset({"user_id", "order_type", "items", "currency", "total_amount", "expires_at",
+                         "subscription_id"})
 
 
-def apply_command(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
-    """Dispatch ``command`` by its ``command`` name; InvalidCommand for an unknown one."""
-    if not isinstance(command, Mapping):
-        raise InvalidCommand(f"a command must be a mapping, not {type(command).__name__}")
-    name = command.get("command")
-    handler = COMMANDS.get(name) if isinstance(name, str) else None
-    if handler is None:
-        raise InvalidCommand(f"unknown command {name!r}; known: {', '.join(COMMANDS)}", field="command")
-    return handler(order, command, now_ms)
+def create(order: Order | None, command: Mapping[str, Any], now_ms: int, default_window_ms: int) -> Decision:
+    """Create an order (from the API, or for storage.quota_exceeded / subscription.created).
+
+    Publishes order.created and stores the PENDING order.  The event's time is
+    the command's ``issued_at``, so a re-decided create computes the same
+    deadline (``expires_at``, else ``issued_at + default_window_ms``) and
+    publishes the same event under the same id.  A create repeated under its
+    Idempotency-Key with the same parameters is a duplicate (the requester
+    gets the order it created), with other parameters IdempotencyKeyReused.
+    """
+    command_id = _message_id(command, "command_id")
+    created_id = aggregate.derived_id(command_id, ORDER_CREATED, "")
+    if _repeated_request(order, command) or _is_duplicate(order, created_id):
+        return _DUPLICATE
+    _check_args(command, "create", CREATE_ARGS)
+    issued_at = _int(command, "issued_at", minimum=0)
+    order_id = _text(command, "order_id")
+    event = {name: command[name] for name in CREATE_ARGS if name in command}
+    event.update(event_id=created_id, occurred_at=issued_at, order_id=order_id)
+    created = on_order_created(order, event, now_ms, default_window_ms).row
+    _remember_request(created, command)
+    payload = _payload(
+        ORDER_CREATED,
+        order_id=order_id,
+        user_id=created.user_id,
+        order_type=created.order_type,
+        total_amount=created.total_amount,
+        currency=created.currency,
+        items=copy.deepcopy(created.items),
+        subscription_id=created.subscription_id,
+        expires_at=created.payment_deadline_ms,
+    )
+    return Decision(row=created, emit=(Emission(ORDER_CREATED, payload, occurred_at=issued_at),))
 
 
 # --------------------------------------------------------------------------
@@ -1249,5 +1295,80 @@ def order_view(order: Order) -> dict[str, Any]:
     """
     view = order.to_dict()
     del view["applied_event_ids"]
+    del view["idempotency_keys"]
     view["refundable_amount"] = refundable_amount(order)
     return view
+
+
+def deadline_of(order: Order) -> int | None:
+    """The payment deadline an order has pending: only an open order can expire."""
+    return order.payment_deadline_ms if order.status in OPEN_STATUSES else None
+
+
+def index_updates(before: Order | None, after: Order) -> tuple[Send, ...]:
+    """The user -> orders (and subscription -> orders) index updates a row change causes.
+
+    Only when the summary changed; ``version`` (the row's update time) lets the
+    index keep the newest summary when two arrive out of order.
+    """
+    summary = order_summary(after)
+    if before is not None and order_summary(before) == summary:
+        return ()
+    update = {"order": summary, "version": after.updated_at_ms, "user_id": after.user_id}
+    sends = [Send(USER_ORDER_INDEX, after.user_id, update)]
+    if after.subscription_id:
+        sends.append(Send(SUBSCRIPTION_ORDER_INDEX, after.subscription_id, update))
+    return tuple(sends)
+
+
+# --------------------------------------------------------------------------
+# The flow table: every input of the order aggregate, its seed handler, its
+# decision, what it may emit, and what it does to the payment deadline.
+
+
+def _for_order(decide: Callable[[Order | None, Mapping[str, Any], int], Decision]) -> Any:
+    """Payment events outside any order (a subscription invoice's) are not the order's."""
+
+    def decide_for_order(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
+        return decide(order, event, now_ms) if event.get("order_id") else _NOOP
+
+    decide_for_order.__doc__ = decide.__doc__
+    return decide_for_order
+
+
+def order_flow(default_window_ms: int) -> aggregate.Flow:
+    """The order aggregate on the kernel; ``default_window_ms`` is the payment window."""
+    if default_window_ms <= 0:
+        raise ValueError(f"default_window_ms must be > 0, not {default_window_ms}")
+    E = DeadlineEffect
+
+    def create_order(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Decision:
+        return create(order, command, now_ms, default_window_ms)
+
+    steps = (
+        Step("create", "create_order", create_order, (ORDER_CREATED,), deadline=E.SET),
+        Step("payment.intent.created", "handle_payment_intent_created",
+             _for_order(on_payment_intent_created), (ORDER_PAYMENT_PENDING,)),
+        Step("payment.completed", "handle_payment_completed", _for_order(on_payment_completed),
+             (ORDER_COMPLETED,), deadline=E.CLEAR),
+        Step("payment.failed", "handle_payment_failed", _for_order(on_payment_failed),
+             (ORDER_CANCELED,), deadline=E.CLEAR),
+        Step("payment.refunded", "handle_payment_refunded", _for_order(on_payment_refunded),
+             (ORDER_REFUNDED,)),
+        Step("cancel", "cancel_order", cancel, (ORDER_CANCELED,), deadline=E.CLEAR),
+        Step("fulfill", "fulfill_order", fulfill, (ORDER_FULFILLED,)),
+        Step("update", "update_order", update, (ORDER_UPDATED,)),
+        Step("expire", "expire_order", expire, (ORDER_EXPIRED,), deadline=E.FIRE),
+    )
+    return aggregate.Flow(
+        name="orders",
+        producer=ORDER_SERVICE,
+        key_field="order_id",
+        steps=steps,
+        load=Order.from_dict,
+        dump=Order.to_dict,
+        command_topic=ORDER_COMMANDS,
+        deadline_of=deadline_of,
+        follow=index_updates,
+        view=order_view,
+    )

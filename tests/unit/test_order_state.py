@@ -15,10 +15,11 @@ from typing import Any
 import pytest
 
 from schemas.contracts import payload_fields
+from streams.catalog import ORDER_COMMANDS
 from streams.envelope import new_event
+from tables.aggregate import Invalid
 from tables.order_state import (
     CANCEL_REASONS,
-    COMMANDS,
     EMITTED_TOPICS,
     MAX_APPLIED_IDS,
     OPEN_STATUSES,
@@ -26,14 +27,15 @@ from tables.order_state import (
     PATCHABLE_FIELDS,
     TRANSITIONS,
     Decision,
+    IdempotencyKeyReused,
     IllegalTransition,
     InvalidCommand,
     Order,
     OrderNotFound,
     OrderStatus,
-    apply_command,
     awaiting_fulfilment,
     cancel,
+    deadline_of,
     expire,
     fulfill,
     is_open,
@@ -42,9 +44,13 @@ from tables.order_state import (
     on_payment_failed,
     on_payment_intent_created,
     on_payment_refunded,
+    order_flow,
     order_summary,
     order_view,
     update,
+)
+from tables.order_state import (
+    create as create_order,
 )
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, when the order was placed
@@ -133,7 +139,17 @@ def refunded_event(
 
 
 def command(name: str, **args: Any) -> dict[str, Any]:
+    if name == "expire":
+        args.setdefault("deadline_ms", DEADLINE)
     return {"command_id": str(uuid.uuid4()), "command": name, "order_id": ORDER_ID, **args}
+
+
+FLOW = order_flow(WINDOW_MS)
+
+
+def apply_command(order: Order | None, message: Mapping[str, Any], now_ms: int) -> Decision:
+    """Decide ``message`` by the flow table's step for its verb, as the kernel does."""
+    return FLOW.step(ORDER_COMMANDS, message).decide(order, message, now_ms)
 
 
 # --------------------------------------------------------------------------
@@ -175,9 +191,9 @@ def run(
         assert order.to_dict() == before, "a decision must not mutate the row it was given"
     check_emissions(decision, message)
     message_id = message.get("event_id") or message.get("command_id")
-    if decision.order is not None:
-        assert decision.order.applied_event_ids[-1] == message_id
-        assert decision.order.updated_at_ms == now_ms
+    if decision.row is not None:
+        assert decision.row.applied_event_ids[-1] == message_id
+        assert decision.row.updated_at_ms == now_ms
         assert not decision.duplicate
     else:
         assert decision.emit == ()
@@ -188,15 +204,15 @@ def run(
 
 def create(**overrides: Any) -> Order:
     decision = run(on_order_created, None, created_event(**overrides), T0, WINDOW_MS)
-    assert decision.order is not None
-    return decision.order
+    assert decision.row is not None
+    return decision.row
 
 
 def step(decide: Callable[..., Decision], order: Order, message: Mapping[str, Any],
          now_ms: int = LATER) -> Order:
     decision = run(decide, order, message, now_ms)
-    assert decision.order is not None, f"{decide.__name__} changed nothing"
-    return decision.order
+    assert decision.row is not None, f"{decide.__name__} changed nothing"
+    return decision.row
 
 
 def order_in(status: OrderStatus) -> Order:
@@ -300,13 +316,13 @@ def test_status_action_matrix_follows_the_table(status: OrderStatus, action: str
     order = order_in(status)
     if target in TRANSITIONS[status]:
         decision = probe(order)
-        assert decision.order is not None
-        assert decision.order.status is target
+        assert decision.row is not None
+        assert decision.row.status is target
         assert [e.topic for e in decision.emit] == [topic]
     elif action == "expire":
         # A timer racing a payment or cancellation is not an error: nothing happens.
         decision = probe(order)
-        assert decision.order is None and decision.emit == ()
+        assert decision.row is None and decision.emit == ()
     else:
         with pytest.raises(IllegalTransition) as caught:
             probe(order)
@@ -320,7 +336,7 @@ def test_update_is_allowed_exactly_while_open(status: OrderStatus) -> None:
     patch = command("update", changes={"metadata": {"note": "gift"}})
     if status in OPEN_STATUSES:
         decision = run(update, order, patch)
-        assert decision.order is not None and decision.order.status is status
+        assert decision.row is not None and decision.row.status is status
     else:
         with pytest.raises(IllegalTransition, match="only before it is paid"):
             run(update, order, patch)
@@ -345,7 +361,7 @@ def test_illegal_transition_names_order_state_and_action() -> None:
 def test_created_order_is_pending_with_a_deadline_from_the_event_time() -> None:
     event = created_event()
     decision = run(on_order_created, None, event, LATER, WINDOW_MS)
-    order = decision.order
+    order = decision.row
     assert order is not None
     assert order.status is S.PENDING
     assert (order.order_id, order.user_id, order.order_type) == (ORDER_ID, USER_ID, "WALLET_TOPUP")
@@ -356,7 +372,7 @@ def test_created_order_is_pending_with_a_deadline_from_the_event_time() -> None:
     ]
     assert order.created_at_ms == T0 and order.updated_at_ms == LATER
     assert order.payment_deadline_ms == DEADLINE
-    assert decision.deadline_set == DEADLINE and decision.deadline_cleared is None
+    assert deadline_of(order) == DEADLINE
     assert decision.emit == ()
     assert order.applied_event_ids == [event["event_id"]]
 
@@ -372,8 +388,8 @@ def test_created_keeps_the_subscription_it_was_created_for() -> None:
         on_order_created, None, created_event(order_type="SUBSCRIPTION"), T0, WINDOW_MS,
         subscription_id="sub_1",
     )
-    assert decision.order is not None
-    assert order_summary(decision.order)["subscription_id"] == "sub_1"
+    assert decision.row is not None
+    assert order_summary(decision.row)["subscription_id"] == "sub_1"
 
 
 def test_same_order_id_under_another_event_is_a_duplicate_order_id() -> None:
@@ -421,14 +437,14 @@ def test_an_applied_id_changes_nothing_and_emits_nothing(name: str) -> None:
     status, decide, make = DUPLICABLE[name]
     message = make()
     first = run(decide, order_in(status), message, DEADLINE)
-    assert first.order is not None and first.emit
-    again = run(decide, first.order, message, DEADLINE + 5)
+    assert first.row is not None and first.emit
+    again = run(decide, first.row, message, DEADLINE + 5)
     assert again == Decision(duplicate=True)
 
 
 def test_redelivered_order_created_is_a_duplicate() -> None:
     event = created_event()
-    order = run(on_order_created, None, event, T0, WINDOW_MS).order
+    order = run(on_order_created, None, event, T0, WINDOW_MS).row
     assert run(on_order_created, order, event, T0, WINDOW_MS) == Decision(duplicate=True)
 
 
@@ -438,15 +454,15 @@ def test_redelivered_order_created_is_a_duplicate() -> None:
 
 def test_intent_moves_to_payment_pending_and_announces_the_order_amount() -> None:
     decision = run(on_payment_intent_created, create(), intent_event("pi_9", amount=999))
-    assert decision.order is not None
-    assert decision.order.status is S.PAYMENT_PENDING
-    assert decision.order.payment_intent_id == "pi_9"
+    assert decision.row is not None
+    assert decision.row.status is S.PAYMENT_PENDING
+    assert decision.row.payment_intent_id == "pi_9"
     (emission,) = decision.emit
     assert emission.payload == {
         "order_id": ORDER_ID, "user_id": USER_ID, "payment_intent_id": "pi_9",
         "amount": TOTAL, "currency": "EUR",
     }
-    assert decision.deadline_set is None and decision.deadline_cleared is None
+    assert deadline_of(decision.row) == DEADLINE  # still unpaid: the deadline stays
 
 
 @pytest.mark.parametrize("status", [S.PAYMENT_PENDING, S.COMPLETED, S.CANCELED])
@@ -456,11 +472,11 @@ def test_the_same_intent_reported_again_is_a_noop(status: OrderStatus) -> None:
 
 def test_payment_completes_the_order_and_cancels_its_timer() -> None:
     decision = run(on_payment_completed, order_in(S.PAYMENT_PENDING), completed_event())
-    order = decision.order
+    order = decision.row
     assert order is not None
     assert order.status is S.COMPLETED and order.payment_id == "pi_1"
     assert order.completed_at_ms == LATER
-    assert decision.deadline_cleared == DEADLINE
+    assert deadline_of(order) is None
     (emission,) = decision.emit
     assert emission.topic == "order.completed"
     assert emission.payload == {
@@ -471,8 +487,8 @@ def test_payment_completes_the_order_and_cancels_its_timer() -> None:
 
 def test_payment_may_complete_a_pending_order_before_its_intent_is_seen() -> None:
     decision = run(on_payment_completed, create(), completed_event("pi_7"))
-    assert decision.order is not None
-    assert decision.order.payment_intent_id == decision.order.payment_id == "pi_7"
+    assert decision.row is not None
+    assert decision.row.payment_intent_id == decision.row.payment_id == "pi_7"
 
 
 @pytest.mark.parametrize(
@@ -508,12 +524,12 @@ def test_the_same_payment_reported_again_is_a_noop(status: OrderStatus) -> None:
 
 def test_failed_payment_cancels_with_the_stripe_error_kept() -> None:
     decision = run(on_payment_failed, order_in(S.PAYMENT_PENDING), failed_event())
-    order = decision.order
+    order = decision.row
     assert order is not None
     assert order.status is S.CANCELED
     assert order.cancel_reason == "PAYMENT_FAILED"
     assert order.cancel_detail == "card_declined: Your card was declined."
-    assert decision.deadline_cleared == DEADLINE
+    assert deadline_of(order) is None
     (emission,) = decision.emit
     assert emission.payload == {
         "order_id": ORDER_ID, "user_id": USER_ID, "reason": "PAYMENT_FAILED",
@@ -539,8 +555,8 @@ def test_partial_refunds_add_up_to_refunded() -> None:
     amounts = [1000, 700, 800]
     for index, amount in enumerate(amounts):
         decision = run(on_payment_refunded, order, refunded_event(amount, f"re_{index}"))
-        assert decision.order is not None
-        order = decision.order
+        assert decision.row is not None
+        order = decision.row
         (emission,) = decision.emit
         assert emission.payload == {
             "order_id": ORDER_ID, "user_id": USER_ID, "refund_id": f"re_{index}",
@@ -592,12 +608,12 @@ def test_refund_of_zero_is_invalid() -> None:
 
 def test_cancel_defaults_to_user_requested() -> None:
     decision = run(cancel, order_in(S.PAYMENT_PENDING), command("cancel", detail="changed mind"))
-    order = decision.order
+    order = decision.row
     assert order is not None
     assert (order.status, order.cancel_reason, order.cancel_detail) == (
         S.CANCELED, "USER_REQUESTED", "changed mind",
     )
-    assert decision.deadline_cleared == DEADLINE
+    assert deadline_of(order) is None
     assert decision.emit[0].payload["reason"] == "USER_REQUESTED"
 
 
@@ -632,7 +648,7 @@ def test_malformed_cancel_is_invalid(args: dict[str, Any], field: str) -> None:
 def test_fulfill_records_and_announces_the_details() -> None:
     details = {"wallet_id": "w1", "credited_amount": "2000"}
     decision = run(fulfill, order_in(S.COMPLETED), command("fulfill", fulfillment_details=details))
-    order = decision.order
+    order = decision.row
     assert order is not None
     assert order.status is S.FULFILLED and order.fulfillment_details == details
     assert order.fulfilled_at_ms == LATER
@@ -651,7 +667,7 @@ def test_fulfill_details_must_be_strings() -> None:
 def test_update_items_recomputes_the_total_and_reports_it_with_its_currency() -> None:
     items = [{"product_id": "credits-50", "quantity": 1, "unit_amount": 5000}]
     decision = run(update, order_in(S.PAYMENT_PENDING), command("update", changes={"items": items}))
-    order = decision.order
+    order = decision.row
     assert order is not None
     assert order.total_amount == 5000 and order.currency == "EUR"
     assert order.items == [{**items[0], "description": None}]
@@ -665,15 +681,15 @@ def test_update_items_recomputes_the_total_and_reports_it_with_its_currency() ->
 def test_update_currency_together_with_new_prices() -> None:
     items = [{"product_id": "credits-10", "quantity": 1, "unit_amount": 2700}]
     decision = run(update, create(), command("update", changes={"items": items, "currency": "USD"}))
-    assert decision.order is not None
-    assert (decision.order.total_amount, decision.order.currency) == (2700, "USD")
+    assert decision.row is not None
+    assert (decision.row.total_amount, decision.row.currency) == (2700, "USD")
 
 
 def test_update_metadata_merges_and_null_removes() -> None:
     order = step(update, create(), command("update", changes={"metadata": {"a": "1", "b": "2"}}))
     decision = run(update, order, command("update", changes={"metadata": {"a": None, "c": "3"}}))
-    assert decision.order is not None
-    assert decision.order.metadata == {"b": "2", "c": "3"}
+    assert decision.row is not None
+    assert decision.row.metadata == {"b": "2", "c": "3"}
     assert decision.emit[0].payload["changes"] == {"metadata": '{"b":"2","c":"3"}'}
     assert decision.emit[0].payload["updated_fields"] == ["metadata"]
 
@@ -721,15 +737,15 @@ def test_patchable_fields_are_the_documented_ones() -> None:
 
 def test_expire_before_the_deadline_is_a_noop_that_keeps_the_timer() -> None:
     decision = run(expire, create(), command("expire"), DEADLINE - 1)
-    assert decision == Decision(deadline_set=DEADLINE)
+    assert decision == Decision()  # the kernel re-asserts the row's deadline
 
 
 @pytest.mark.parametrize("status", [S.PENDING, S.PAYMENT_PENDING])
 def test_expire_at_the_deadline_closes_an_unpaid_order(status: OrderStatus) -> None:
     decision = run(expire, order_in(status), command("expire"), DEADLINE)
-    order = decision.order
+    order = decision.row
     assert order is not None and order.status is S.EXPIRED
-    assert decision.deadline_cleared == DEADLINE
+    assert deadline_of(order) is None
     (emission,) = decision.emit
     assert emission.payload == {
         "order_id": ORDER_ID, "user_id": USER_ID, "expired_at": DEADLINE,
@@ -739,7 +755,8 @@ def test_expire_at_the_deadline_closes_an_unpaid_order(status: OrderStatus) -> N
 
 def test_expire_after_payment_is_a_noop_that_drops_the_timer() -> None:
     decision = run(expire, order_in(S.COMPLETED), command("expire"), DEADLINE + 1)
-    assert decision == Decision(deadline_cleared=DEADLINE)
+    assert decision == Decision()
+    assert deadline_of(order_in(S.COMPLETED)) is None  # so the kernel drops the handed-over one
 
 
 def test_expire_of_a_missing_order_is_a_noop() -> None:
@@ -754,25 +771,30 @@ def test_commands_for_a_missing_order_are_not_found(name: str) -> None:
 
 
 def test_apply_command_dispatches_by_name() -> None:
-    assert set(COMMANDS) == {"cancel", "fulfill", "update", "expire"}
+    assert {s.input for s in FLOW.steps if "." not in s.input} == {
+        "create", "cancel", "fulfill", "update", "expire"}
     decision = run(apply_command, order_in(S.COMPLETED), command("fulfill"))
-    assert decision.order is not None and decision.order.status is S.FULFILLED
+    assert decision.row is not None and decision.row.status is S.FULFILLED
     decision = run(apply_command, create(), command("cancel"))
-    assert decision.order is not None and decision.order.status is S.CANCELED
+    assert decision.row is not None and decision.row.status is S.CANCELED
 
 
 @pytest.mark.parametrize(
-    ("message", "field"),
+    "message",
     [
-        ({"command_id": "c1", "command": "refund", "order_id": ORDER_ID}, "command"),
-        ({"command_id": "c1", "order_id": ORDER_ID}, "command"),
-        ({"command": "cancel", "order_id": ORDER_ID}, "command_id"),
+        {"command_id": "c1", "command": "refund", "order_id": ORDER_ID},
+        {"command_id": "c1", "order_id": ORDER_ID},
     ],
 )
-def test_apply_command_refuses_malformed_commands(message: dict[str, Any], field: str) -> None:
-    with pytest.raises(InvalidCommand) as caught:
+def test_unknown_commands_are_invalid(message: dict[str, Any]) -> None:
+    with pytest.raises(Invalid, match="unknown command"):
         apply_command(create(), message, LATER)
-    assert caught.value.field == field
+
+
+def test_a_command_without_an_id_is_invalid() -> None:
+    with pytest.raises(InvalidCommand) as caught:
+        apply_command(create(), {"command": "cancel", "order_id": ORDER_ID}, LATER)
+    assert caught.value.field == "command_id"
 
 
 def test_a_command_passed_to_the_wrong_function_is_invalid() -> None:
@@ -809,6 +831,9 @@ def test_every_topic_the_aggregate_emits_is_exercised_against_its_contract() -> 
                 assert event["causation_id"] == message["event_id"]
                 assert event["correlation_id"] == message["correlation_id"]
         seen.update(emission.topic for emission in decision.emit)
+    created = create_order(None, create_command(), LATER, WINDOW_MS)
+    check_emissions(created, {})
+    seen.update(emission.topic for emission in created.emit)
     assert seen == set(EMITTED_TOPICS)
 
 
@@ -838,7 +863,7 @@ def test_a_new_row_shares_no_mutable_state_with_the_old_one_or_its_events() -> N
     old.metadata = {"k": "v"}
     details = {"wallet_id": "w1"}
     decision = run(fulfill, old, command("fulfill", fulfillment_details=details))
-    new = decision.order
+    new = decision.row
     assert new is not None
     new.items[0]["quantity"] = 99
     new.metadata["k"] = "changed"
@@ -920,6 +945,119 @@ def test_order_created_carries_its_own_payment_window_and_subscription() -> None
         producer="order_service", now_ms=1_000_000,
     )
     decision = on_order_created(None, event, 1_000_000, 1_800_000)
-    assert decision.deadline_set == 1_090_000
-    assert decision.order.payment_deadline_ms == 1_090_000
-    assert decision.order.subscription_id == "sub_1"
+    assert deadline_of(decision.row) == 1_090_000
+    assert decision.row.payment_deadline_ms == 1_090_000
+    assert decision.row.subscription_id == "sub_1"
+
+
+# --------------------------------------------------------------------------
+# The create command and Idempotency-Keys
+
+
+def create_command(**overrides: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {
+        "command_id": "cmd-create", "command": "create", "order_id": ORDER_ID, "issued_at": T0,
+        "user_id": USER_ID, "order_type": "WALLET_TOPUP", "total_amount": TOTAL, "currency": "EUR",
+        "items": [dict(item) for item in ITEMS],
+    }
+    message.update(overrides)
+    return message
+
+
+def test_create_publishes_order_created_at_the_command_time_with_its_deadline() -> None:
+    decision = create_order(None, create_command(), LATER, WINDOW_MS)
+    order = decision.row
+    assert order.status is S.PENDING and deadline_of(order) == DEADLINE
+    (emission,) = decision.emit
+    assert emission.topic == "order.created" and emission.occurred_at == T0
+    assert emission.payload["expires_at"] == DEADLINE
+    assert emission.payload["items"] == order.items
+    # re-deciding the same command (a replay) is a duplicate, whatever the time
+    assert create_order(order, create_command(), LATER + 999, WINDOW_MS) == Decision(duplicate=True)
+
+
+def test_create_with_the_same_key_and_parameters_is_the_same_request() -> None:
+    keyed = create_command(idempotency_key="k1", fingerprint="fp-a")
+    order = create_order(None, keyed, LATER, WINDOW_MS).row
+    assert order.idempotency_keys == {"k1": "fp-a"}
+    again = create_command(command_id="other", idempotency_key="k1", fingerprint="fp-a")
+    assert create_order(order, again, LATER, WINDOW_MS) == Decision(duplicate=True)
+
+
+def test_create_with_the_same_key_and_other_parameters_is_refused_422() -> None:
+    order = create_order(None, create_command(idempotency_key="k1", fingerprint="fp-a"), LATER,
+                         WINDOW_MS).row
+    with pytest.raises(IdempotencyKeyReused) as caught:
+        create_order(order, create_command(idempotency_key="k1", fingerprint="fp-b", total_amount=1),
+                     LATER, WINDOW_MS)
+    assert caught.value.status == 422 and caught.value.code == "idempotency_key_reused"
+
+
+def test_a_keyed_cancel_repeated_after_it_applied_is_a_duplicate_not_a_conflict() -> None:
+    first = command("cancel", idempotency_key="c-1", fingerprint="fp")
+    canceled = step(cancel, create(), first)
+    retry = command("cancel", idempotency_key="c-1", fingerprint="fp")  # a new command id
+    assert cancel(canceled, retry, LATER) == Decision(duplicate=True)
+    with pytest.raises(IdempotencyKeyReused):
+        cancel(canceled, command("cancel", idempotency_key="c-1", fingerprint="other"), LATER)
+
+
+def test_an_order_remembers_a_bounded_number_of_keys() -> None:
+    from tables.order_state import MAX_IDEMPOTENCY_KEYS
+
+    order = create()
+    for i in range(MAX_IDEMPOTENCY_KEYS + 5):
+        order = step(update, order, command("update", changes={"metadata": {"n": str(i)}},
+                                            idempotency_key=f"k{i}", fingerprint=f"f{i}"))
+    assert len(order.idempotency_keys) == MAX_IDEMPOTENCY_KEYS
+    assert f"k{MAX_IDEMPOTENCY_KEYS + 4}" in order.idempotency_keys and "k0" not in order.idempotency_keys
+
+
+def test_the_view_hides_the_bookkeeping() -> None:
+    view = order_view(create_order(None, create_command(idempotency_key="k", fingerprint="f"), LATER,
+                                   WINDOW_MS).row)
+    assert "idempotency_keys" not in view and "applied_event_ids" not in view
+
+
+# --------------------------------------------------------------------------
+# The flow table holds the decisions to what it declares
+
+
+def test_the_flow_table_names_every_seed_handler_of_the_order_service() -> None:
+    handlers = {s.handler for s in FLOW.steps}
+    assert {"handle_payment_completed", "handle_payment_failed", "handle_payment_refunded"} <= handlers
+
+
+def test_each_step_emits_only_what_it_declares_and_has_its_deadline_effect() -> None:
+    from tables.aggregate import DeadlineEffect
+
+    cases = {
+        "create": (None, create_command(), LATER),
+        "payment.intent.created": (create(), intent_event(), LATER),
+        "payment.completed": (order_in(S.PAYMENT_PENDING), completed_event(), LATER),
+        "payment.failed": (order_in(S.PAYMENT_PENDING), failed_event(), LATER),
+        "payment.refunded": (order_in(S.COMPLETED), refunded_event(10), LATER),
+        "cancel": (create(), command("cancel"), LATER),
+        "fulfill": (order_in(S.COMPLETED), command("fulfill"), LATER),
+        "update": (create(), command("update", changes={"metadata": {"k": "v"}}), LATER),
+        "expire": (create(), command("expire"), DEADLINE),
+    }
+    assert set(cases) == {s.input for s in FLOW.steps}
+    for flow_step in FLOW.steps:
+        order, message, now_ms = cases[flow_step.input]
+        decision = flow_step.decide(order, message, now_ms)
+        assert {e.topic for e in decision.emit} <= set(flow_step.emits), flow_step.input
+        before = deadline_of(order) if order is not None else None
+        after = deadline_of(decision.row)
+        effect = {
+            DeadlineEffect.SET: before is None and after is not None,
+            DeadlineEffect.CLEAR: before is not None and after is None,
+            DeadlineEffect.FIRE: before is not None and after is None,
+            DeadlineEffect.NONE: before == after,
+        }[flow_step.deadline]
+        assert effect, (flow_step.input, before, after)
+
+
+def test_payment_events_outside_any_order_are_not_the_orders() -> None:
+    step_ = FLOW.step("payment.completed", {})
+    assert step_.decide(None, completed_event(order_id=None), LATER) == Decision()

@@ -1,0 +1,493 @@
+"""The aggregate kernel's driver: one Faust agent runs one :class:`tables.aggregate.Flow`.
+
+A domain declares a flow (pure decisions, see :mod:`tables.aggregate`); this
+module owns everything else, once for every domain: batching, the per-batch
+row cache, external calls, publishing and acknowledgements, state writes,
+deadlines, dead letters, idempotent ids and answers to waiting requests.
+
+One batch, in order
+-------------------
+1. **Take** up to ``batch_max`` records (``stream.noack_take``: nothing is
+   acknowledged, so no offset can be committed, until step 6).
+2. **Decide** them in offset order against a per-batch row cache (a key's
+   second record sees the row its first produced).  A step that needs external
+   answers (Stripe, a service client) declares its calls; the calls of the
+   whole batch run concurrently, each with the idempotency key its cause
+   derived, and the waiting records are decided again with the outcomes (later
+   records of the same key wait with them, so per-key order holds).  Each
+   decision's events, internal records and dead letters are encoded at once; a
+   record whose decision or encoding fails is dead-lettered alone and leaves
+   the cache as it was.
+3. **Publish** every outgoing record of the batch (events, index updates,
+   fan-out commands, dead letters) to the producer, then await all acks once.
+   A transient failure (broker down, timeout) fails the whole batch *before*
+   any state is written; it is decided again from the table and re-published
+   (same derived ids), until it goes through.  A non-transient failure (a record
+   too large) is isolated: the batch is re-run one record at a time, and the
+   record that still cannot be published is dead-lettered.
+4. **Write** each touched row once, then its deadline changes, all derived from
+   the rows: ``deadline_of(before)`` and any deadline the timer handed over are
+   cancelled unless still wanted, ``deadline_of(after)`` is scheduled.  An
+   input the row already applied (a duplicate), or that changed nothing,
+   re-asserts the row's deadline (an idempotent put).  Table writes go to
+   Faust's producer buffer, bound to the partition of the record that caused
+   them.
+5. **Answer** the requests waiting for these records (API commands).
+6. **Acknowledge** the records; Faust's commit loop flushes the producer
+   (table changelogs included) *before* it commits offsets
+   (``Consumer._commit_offsets``), so an offset is committed only once the
+   batch's state is durable.
+
+What a SIGKILL does at each await
+---------------------------------
+- while taking or deciding (1-2): nothing was published or written; the
+  records are read again after the restart.
+- while awaiting external calls (2): the calls may have been made; the replay
+  repeats them under the same idempotency keys, and the service answers with
+  what it did the first time.  Nothing of ours was published.
+- while awaiting acks (3): some outgoing records may be in Kafka, no state is
+  written and no offset committed; the replay decides the same inputs against
+  the same rows and republishes the same records under the same event ids
+  (at-least-once: a consumer may see a record twice, always with one id).
+- after the acks, before or while the changelog records are flushed (4-6):
+  every outgoing record is in Kafka; some of the row and deadline changelog
+  records may be, and the offsets are not committed.  The replay finds rows
+  that were written as duplicates (they hold the input's id: nothing is
+  published twice under new ids, and the deadline is re-asserted from the row,
+  so a row kept without its deadline gets it back), and re-decides rows that
+  were not written, republishing the same ids.  A lost deadline cancel leaves
+  an entry whose hand-over the domain's timer step finds moot and clears.
+- after the commit: nothing is replayed, and nothing needs to be.
+A requester that was waiting gets no answer (its connection is gone); it
+retries with its Idempotency-Key and is answered from the row.
+
+Idempotency marks (the applied ids a row keeps) are written with the row, so
+they are durable only after the records they caused were acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
+from faust.streams import _current_event
+from faust.types import EventT
+
+from streams import catalog
+from streams.codec import MalformedRecord
+from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
+from streams.envelope import new_event
+from streams.routing import ReplyBook
+from tables import aggregate
+from tables.aggregate import Call, DeadlineEffect, Decision, Flow, Outcome, Refusal, Step
+from tables.deadlines import Deadlines, now_ms
+
+log = logging.getLogger(__name__)
+
+#: A service the kernel can call for a step: it answers an Outcome, raises
+#: :class:`CallRefused` for a definitive "no", and any other exception for a
+#: transient failure (the batch is then retried).
+Service = Callable[[Call], Awaitable[Any]]
+
+
+class CallRefused(Exception):
+    """A service's definitive refusal of a call (e.g. a declined card)."""
+
+
+#: Errors after which the same batch may well go through if tried again.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    KafkaTimeoutError, KafkaConnectionError, asyncio.TimeoutError, ConnectionError,
+)
+
+
+def transient(error: BaseException) -> bool:
+    """Whether ``error`` says "the system is unwell" rather than "this record is wrong"."""
+    return isinstance(error, TRANSIENT_ERRORS) or bool(getattr(error, "retriable", False))
+
+
+@contextmanager
+def bound_to(event: EventT) -> Iterator[None]:
+    """Make ``event`` Faust's current event while the block reads or writes tables.
+
+    Faust picks a table write's changelog partition and RocksDB partition from
+    the *current event* (``faust.streams._current_event``, a private context
+    variable; checked against faust-streaming 0.15.3, pinned <0.16 in
+    setup.cfg).  In a batch the current event is whatever the stream saw last,
+    so every table access binds the event of the key it touches.
+    """
+    token = _current_event.set(weakref.ref(event))
+    try:
+        yield
+    finally:
+        _current_event.reset(token)
+
+
+@dataclass(slots=True)
+class Inbound:
+    """One record of a batch, decoded, with the step that decides it."""
+
+    event: EventT
+    key: bytes
+    topic: str  # catalog name
+    message: dict[str, Any]
+    step: Step
+    input_id: str  # event_id or command_id: the cause of everything it emits
+    cause: dict[str, Any]
+    answered: bool  # a requester waits for this record's verdict (API command)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """One record to produce, already encoded."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]] | None = None
+
+
+@dataclass(slots=True)
+class Slot:
+    """A key's row through the batch: as loaded, as decided, and what happened to it."""
+
+    event: EventT
+    loaded: Any
+    row: Any
+    changed: bool = False
+    repair: bool = False  # re-assert the row's deadline (a duplicate or no-op was seen)
+    fired: set[int] = field(default_factory=set)  # deadlines the timer handed over
+
+
+@dataclass(slots=True)
+class Plan:
+    """What a batch decided: records to publish, rows to write, verdicts to answer."""
+
+    outgoing: list[Outgoing] = field(default_factory=list)
+    slots: dict[bytes, Slot] = field(default_factory=dict)
+    verdicts: list[tuple[str, Any]] = field(default_factory=list)  # (input id, view | Refusal)
+
+
+class Aggregate:
+    """Runs ``flow`` on ``app``: its table, its agent, its deadlines, its replies.
+
+    ``services`` are the external calls its steps may ask for, by service name.
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        flow: Flow,
+        *,
+        agent_name: str,
+        deadlines: str | None = None,
+        services: Mapping[str, Service] | None = None,
+        batch_max: int = 1000,
+        batch_within: float = 0.01,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self.app = app
+        self.flow = flow
+        self.services = dict(services or {})
+        self.batch_max = batch_max
+        self.batch_within = batch_within
+        self.max_backoff = max_backoff
+        self.replies = ReplyBook()
+        # key_type=bytes gives the table the raw key serializer of the topics,
+        # so the web router finds a key's owner where the agent stored it
+        # (faust-streaming #514: a str key_type would hash JSON-quoted keys).
+        self.table = app.Table(flow.name, key_type=bytes, value_type=None,
+                               partitions=catalog.EVENT_PARTITIONS, default=None)
+        self.names = {app.settings.topic(name): name for name in flow.topics}
+        self.decoder = Decoder(app, self.names)
+        self.dead_letter_topic = app.settings.topic(catalog.DEAD_LETTERS)
+        self.deadlines: Deadlines | None = None
+        if deadlines is not None:
+            self.fire_step = next(s for s in flow.steps if s.deadline is DeadlineEffect.FIRE)
+            self.deadlines = Deadlines(app, deadlines, self.hand_over)
+        app.agent(raw_source(app, list(self.names)), name=agent_name)(self._consume)
+
+    # ------------------------------------------------------------------
+    # The agent
+
+    async def _consume(self, stream: Any) -> None:
+        async for events in stream.noack_take(self.batch_max, within=self.batch_within):
+            await self.process(events)
+            for event in events:
+                await stream.ack(event)
+
+    async def process(self, events: Sequence[EventT]) -> None:
+        """Decide, publish, write and answer one batch (see the module docstring)."""
+        inbound: list[Inbound] = []
+        rejected: list[Outgoing] = []
+        for event in events:
+            try:
+                inbound.append(self._read(event))
+            except (MalformedRecord, UnknownEventType) as exc:
+                rejected.append(self._dead_letter(event, "undecodable", exc))
+            except Refusal as exc:
+                rejected.append(self._dead_letter(event, "rejected", exc))
+        await self._run(inbound, rejected)
+
+    async def _run(self, inbound: list[Inbound], extra: list[Outgoing]) -> None:
+        attempt = 0
+        while True:
+            plan = await self._decide(inbound)
+            plan.outgoing[:0] = extra
+            try:
+                await self._publish(plan.outgoing)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not transient(exc):
+                    await self._isolate(inbound, extra, exc)
+                    return
+                attempt += 1
+                delay = min(self.max_backoff, 0.1 * 2 ** min(attempt, 6))
+                log.warning("%s: batch of %d not acknowledged (%r); retrying in %.1fs",
+                            self.flow.name, len(inbound), exc, delay)
+                await asyncio.sleep(delay)
+        self._write(plan)
+        self._answer(plan)
+
+    async def _isolate(self, inbound: list[Inbound], extra: list[Outgoing], error: BaseException) -> None:
+        """A record the broker refuses for good: find it, dead-letter it, keep the rest."""
+        if len(inbound) + len(extra) <= 1:
+            culprit = inbound[0].event if inbound else None
+            log.error("%s: record not publishable (%r)", self.flow.name, error)
+            if culprit is not None:
+                await self._run([], [self._dead_letter(culprit, "unpublishable", error)])
+            return
+        log.warning("%s: batch refused by the broker (%r); retrying one record at a time",
+                    self.flow.name, error)
+        for letter in extra:
+            await self._run([], [letter])
+        for record in inbound:
+            await self._run([record], [])
+
+    # ------------------------------------------------------------------
+    # Reading and deciding
+
+    def _read(self, event: EventT) -> Inbound:
+        message = event.message
+        record = self.decoder.decode(message.topic, event.value)
+        topic = self.names[message.topic]
+        if topic == self.flow.command_topic:
+            body = aggregate.command_message(record, self.flow.key_field)
+            input_id = body.get("command_id")
+            if not isinstance(input_id, str) or not input_id:
+                raise aggregate.Invalid("command without a command_id")
+            cause = {"event_id": input_id, "correlation_id": record.get("correlation_id")}
+            answered = record.get("origin") == "api"
+        else:  # an event (its id is its cause id), or an internal record such as an index update
+            input_id = str(record.get("event_id") or f"{message.topic}/{message.partition}/{message.offset}")
+            body, cause, answered = record, {**record, "event_id": input_id}, False
+        key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
+        return Inbound(event, key, topic, body, self.flow.step(topic, body), input_id, cause, answered)
+
+    def _slot(self, plan: Plan, record: Inbound) -> Slot:
+        slot = plan.slots.get(record.key)
+        if slot is None:
+            with bound_to(record.event):
+                stored = self.table.get(record.key)
+            row = self.flow.load(stored) if stored is not None else None
+            slot = plan.slots[record.key] = Slot(record.event, row, row)
+        return slot
+
+    async def _decide(self, inbound: list[Inbound]) -> Plan:
+        plan = Plan()
+        outcomes: dict[str, Outcome] = {}
+        pending = inbound
+        now = now_ms()
+        for _ in range(8):
+            waiting: list[Inbound] = []
+            blocked: set[bytes] = set()
+            calls: dict[str, Call] = {}
+            for record in pending:
+                if record.key in blocked:
+                    waiting.append(record)
+                    continue
+                needed = self._decide_one(plan, record, now, outcomes)
+                if needed:
+                    calls.update((c.idempotency_key, c) for c in needed)
+                    blocked.add(record.key)
+                    waiting.append(record)
+            if not waiting:
+                break
+            outcomes.update(await self._call_all(list(calls.values())))
+            pending = waiting
+        else:
+            for record in pending:
+                error = RuntimeError(f"{record.step.handler} kept asking for calls")
+                plan.outgoing.append(self._dead_letter(record.event, "failed", error))
+        self._follow(plan)
+        return plan
+
+    def _decide_one(self, plan: Plan, record: Inbound, now: int,
+                    outcomes: Mapping[str, Outcome]) -> list[Call]:
+        """Decide ``record`` into ``plan``; return the calls it still needs, if any."""
+        slot = self._slot(plan, record)
+        step = record.step
+        try:
+            if step.calls is not None:
+                needed = [c for c in step.calls(slot.row, record.message)
+                          if c.idempotency_key not in outcomes]
+                if needed:
+                    return needed
+                decision = step.decide(slot.row, record.message, now, outcomes)  # type: ignore[call-arg]
+            else:
+                decision = step.decide(slot.row, record.message, now)  # type: ignore[call-arg]
+            records = self._encode(step, decision, record, now)
+        except Refusal as refusal:
+            if record.answered:  # the requester is (or was) told; its retry is decided again
+                log.info("%s: %s refused: %s", self.flow.name, record.input_id, refusal)
+                plan.verdicts.append((record.input_id, refusal))
+            else:
+                plan.outgoing.append(self._dead_letter(record.event, "rejected", refusal))
+            return []
+        except Exception as exc:  # a bug in a decision or a contract: keep the record
+            log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id)
+            plan.outgoing.append(self._dead_letter(record.event, "failed", exc))
+            return []
+        plan.outgoing.extend(records)
+        if decision.row is not None and not decision.duplicate:
+            slot.row, slot.changed = decision.row, True
+        else:
+            slot.repair = True
+        if step.deadline is DeadlineEffect.FIRE:
+            slot.fired.add(int(record.message["deadline_ms"]))
+        if record.input_id in self.replies:
+            reply = decision.reply if decision.reply is not None else (
+                self.flow.view(slot.row) if slot.row is not None else None)
+            plan.verdicts.append((record.input_id, reply))
+        return []
+
+    def _encode(self, step: Step, decision: Decision, record: Inbound, now: int) -> list[Outgoing]:
+        out = []
+        for emission in decision.emit:
+            if emission.topic not in step.emits:
+                raise RuntimeError(f"{step.handler} emitted {emission.topic}, its step declares "
+                                   f"{step.emits}")
+            event = new_event(
+                emission.topic, emission.payload, producer=self.flow.producer, cause=record.cause,
+                now_ms=emission.occurred_at if emission.occurred_at is not None else now,
+                event_id=aggregate.derived_id(record.input_id, emission.topic, emission.discriminator),
+            )
+            out.append(self._event_record(event))
+        for send in decision.send:
+            if send.topic not in step.sends:
+                raise RuntimeError(f"{step.handler} sent to {send.topic}, its step declares {step.sends}")
+            out.append(self._send_record(send))
+        return out
+
+    def _event_record(self, event: dict[str, Any]) -> Outgoing:
+        name = event["event_type"]
+        topic = self.app.event_topic(name)
+        return Outgoing(topic.get_topic_name(), catalog.record_key(name, event).encode(),
+                        topic.value_serializer.dumps(event))
+
+    def _send_record(self, send: aggregate.Send) -> Outgoing:
+        value = json.dumps(send.value, separators=(",", ":")).encode()
+        return Outgoing(self.app.settings.topic(send.topic), send.key.encode(), value)
+
+    def _dead_letter(self, event: EventT, reason: str, error: BaseException) -> Outgoing:
+        message = event.message
+        key = message.key if isinstance(message.key, bytes | None) else str(message.key).encode()
+        return Outgoing(self.dead_letter_topic, key, message.value,
+                        dead_letter_headers(event, reason, error))
+
+    def _follow(self, plan: Plan) -> None:
+        """Records a row change causes (index updates), once per key per batch."""
+        if self.flow.follow is None:
+            return
+        for slot in plan.slots.values():
+            if slot.changed:
+                plan.outgoing.extend(self._send_record(s) for s in self.flow.follow(slot.loaded, slot.row))
+
+    async def _call_all(self, calls: list[Call]) -> dict[str, Outcome]:
+        """Run a batch's external calls concurrently; a transient failure fails the batch."""
+
+        async def one(call: Call) -> tuple[str, Outcome]:
+            service = self.services.get(call.service)
+            if service is None:
+                raise LookupError(f"{self.flow.name}: no service {call.service!r} configured")
+            try:
+                return call.idempotency_key, Outcome(value=await service(call))
+            except CallRefused as refused:
+                return call.idempotency_key, Outcome(refused=str(refused))
+
+        return dict(await asyncio.gather(*(one(c) for c in calls)))
+
+    # ------------------------------------------------------------------
+    # Publishing, writing, answering
+
+    async def _publish(self, records: list[Outgoing]) -> None:
+        if not records:
+            return
+        producer = self.app.producer
+        acks = [await producer.send(r.topic, r.key, r.value, None, None, r.headers) for r in records]
+        await asyncio.gather(*acks)
+
+    def _write(self, plan: Plan) -> None:
+        deadline_of = self.flow.deadline_of
+        for key, slot in plan.slots.items():
+            before = deadline_of(slot.loaded) if deadline_of and slot.loaded is not None else None
+            after = deadline_of(slot.row) if deadline_of and slot.row is not None else None
+            stale = ({before} | slot.fired) - {after, None}
+            schedule = after is not None and (after != before or slot.repair)
+            if not (slot.changed or stale or schedule):
+                continue
+            with bound_to(slot.event):
+                if slot.changed:
+                    self.table[key] = self.flow.dump(slot.row)
+                if self.deadlines is not None:
+                    aggregate_id = key.decode()
+                    for deadline in stale:
+                        self.deadlines.cancel(aggregate_id, deadline)
+                    if schedule:
+                        self.deadlines.schedule(aggregate_id, after)
+
+    def _answer(self, plan: Plan) -> None:
+        for input_id, verdict in plan.verdicts:
+            if isinstance(verdict, Refusal):
+                self.replies.fail(input_id, verdict)
+            else:
+                self.replies.resolve(input_id, verdict)
+
+    # ------------------------------------------------------------------
+    # Commands from outside the agent (API, timer)
+
+    async def send_command(self, record: Mapping[str, Any]) -> None:
+        """Publish a command record to this flow's command topic and await its ack."""
+        key = record[self.flow.key_field]
+        topic = self.app.settings.topic(self.flow.command_topic)
+        value = json.dumps(record, separators=(",", ":")).encode()
+        await (await self.app.producer.send(topic, key.encode(), value, None, None, None))
+
+    async def hand_over(self, due: Sequence[tuple[str, int]]) -> None:
+        """The timer's due deadlines become the flow's FIRE command, one per aggregate."""
+        producer = self.app.producer
+        topic = self.app.settings.topic(self.flow.command_topic)
+        now = now_ms()
+        acks = []
+        for aggregate_id, deadline_ms in due:
+            record = aggregate.command(
+                self.fire_step.input, self.flow.key_field, aggregate_id, cause=None, now_ms=now,
+                command_id=aggregate.derived_id(self.fire_step.input, aggregate_id, deadline_ms),
+                deadline_ms=deadline_ms,
+            )
+            value = json.dumps(record, separators=(",", ":")).encode()
+            acks.append(await producer.send(topic, aggregate_id.encode(), value, None, None, None))
+        await asyncio.gather(*acks)
+
+    def row(self, key: str) -> Any:
+        """The stored row of ``key`` on this worker (None: none), for queries."""
+        stored = self.table.get(key.encode())
+        return self.flow.load(stored) if stored is not None else None
