@@ -3,20 +3,70 @@
 ``faust -A streams.app worker`` and ``paystream worker`` both run the module
 level :data:`app`; tests build their own with :func:`create_app` and a
 topic prefix so they never share topics, groups or state directories.
+
+What a worker needs from its surroundings is decided here too: every table
+on the process-wide RocksDB memory budget (``tables.storage``), Kafka static
+membership so a restarted worker takes its partitions back at once, a start
+that waits (one log line, then retries) for a broker or registry that is not
+reachable yet, and a quiet log.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import Any
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import faust
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+from mode import Service
 
 from streams import catalog
 from streams.admin import ensure_topics
 from streams.codec import ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
+from tables import storage
+
+try:  # the HTTP library the registry client really uses (httpx2, else httpx)
+    from confluent_kafka.schema_registry.common._httpx_compat import httpx as _registry_http
+
+    _REGISTRY_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+        _registry_http.TransportError, OSError)
+except ImportError:  # pragma: no cover - older confluent-kafka
+    _REGISTRY_TRANSPORT_ERRORS = (OSError,)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Changelog records Faust applies to RocksDB in one write batch while it
+#: recovers a table (Faust's default is 1,000).
+RECOVERY_BUFFER_SIZE = 10_000
+#: Bytes fetched per partition per request (Faust's default is 1 MiB); the
+#: changelog is read much faster in big fetches.
+CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+
+#: Start-up waits: first retry after this many seconds, doubling up to the cap.
+RETRY_FIRST_SECONDS = 0.5
+RETRY_MAX_SECONDS = 5.0
+#: While still waiting, the wait line is repeated this often.
+WAIT_REMINDER_SECONDS = 60.0
+
+#: Loggers whose INFO lines are start-up chatter (service "Starting..." lines,
+#: topic tables, one line per registry request or HTTP access).  Their
+#: warnings and errors still show; ``paystream worker --loglevel debug``
+#: shows everything.
+QUIET_LOGGERS = ("faust", "mode", "aiokafka", "aiohttp.access", "aiohttp.server", "httpx",
+                 "httpx2", "httpcore", "httpcore2")
+
+#: Faust's ``logging_config``: quiet the loggers above, keep our own at INFO.
+QUIET_LOGGING: dict[str, Any] = {
+    "merge": True,
+    "loggers": {name: {"level": "WARNING"} for name in QUIET_LOGGERS},
+}
 
 #: Functions that declare a domain's agents, tables and routes on an app.
 #: Each domain module in ``agents/`` adds itself here (see ``agents.register``).
@@ -35,20 +85,103 @@ class PaystreamApp(faust.App):
     schema_cache: SchemaCache
     event_topics: dict[str, faust.TopicT]
 
+    # Faust's service lines ("Starting...") under a faust logger, so the
+    # quiet logging config silences them; our own lines use ``log``.
+    logger = logging.getLogger("faust.app.paystream")
+
+    _rebalance_started: float | None = None
+    _recovery_progress: storage.RecoveryProgress | None = None
+
     async def on_first_start(self) -> None:
         self.settings.state_dir.mkdir(parents=True, exist_ok=True)
         await super().on_first_start()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.prepare_topics)
+        settings = self.settings
+        log.info("worker %s of group %s starting: broker %s, schema registry %s, state in %s, "
+                 "RocksDB memory %d MiB", settings.group_instance_id, self.conf.id,
+                 settings.kafka_bootstrap_servers, settings.schema_registry_url,
+                 settings.state_dir, settings.rocksdb_memory_mb)
+        await self.prepare_topics_when_reachable()
+
+    async def prepare_topics_when_reachable(self) -> None:
+        """Create the event topics and resolve their schema ids, waiting for broker and registry.
+
+        Neither being reachable yet is a reason to wait, not to die: each
+        wait logs one line saying what it waits for and retries with backoff
+        until it succeeds (or the worker is stopped).  An answer that is
+        not about reachability (an incompatible schema, a refused topic) is
+        raised as before.
+        """
+        servers = self.settings.kafka_bootstrap_servers
+        await retry_until_reachable(
+            f"the Kafka broker at {servers}", lambda: self._to_thread(self._create_topics),
+            reachability_error=_broker_unreachable)
+        registry = self.settings.schema_registry_url
+        ids = await retry_until_reachable(
+            f"the schema registry at {registry}", lambda: self._to_thread(self._resolve_schemas),
+            reachability_error=_registry_unreachable)
+        log.info("schema ids resolved for %d topics at %s", len(ids), registry)
+
+    @staticmethod
+    async def _to_thread(call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(None, call)
 
     def prepare_topics(self) -> None:
-        """Create the event topics and resolve their schema ids (blocking, at start)."""
-        prefix = self.settings.topic_prefix
+        """Create the event topics and resolve their schema ids (blocking, no waiting)."""
+        self._create_topics()
+        self._resolve_schemas()
+
+    def _create_topics(self) -> None:
+        settings = self.settings
+        prefix = settings.topic_prefix
+        # A quiet metadata probe first: AdminClient calls against a broker that
+        # is down spam librdkafka errors to stderr every 50 ms until they fail.
+        probe = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
+                             "log_level": 0, "socket.connection.setup.timeout.ms": 5000})
+        probe.list_topics(timeout=5.0)
         ensure_topics(
-            self.settings.kafka_bootstrap_servers,
+            settings.kafka_bootstrap_servers,
             catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix),
         )
-        self.schema_cache.resolve({t.get_topic_name(): name for name, t in self.event_topics.items()})
+
+    def _resolve_schemas(self) -> dict[str, int]:
+        return self.schema_cache.resolve(
+            {t.get_topic_name(): name for name, t in self.event_topics.items()})
+
+    # -- operator log lines: rebalances and recovery --------------------
+
+    def on_rebalance_start(self) -> None:
+        super().on_rebalance_start()
+        self._rebalance_started = time.monotonic()
+
+    def on_rebalance_end(self) -> None:
+        super().on_rebalance_end()
+        started, self._rebalance_started = self._rebalance_started, None
+        assignment = self.consumer.assignment()
+        took = f" {time.monotonic() - started:.1f} s after the rebalance began" if started else ""
+        log.info("worker ready: %d partitions of %d topics (generation %s)%s",
+                 len(assignment), len({tp.topic for tp in assignment}),
+                 self.consumer_generation_id, took)
+
+    @Service.timer(1.0)
+    async def _log_recovery_progress(self) -> None:
+        """One line every 5 s while tables recover (rows/s, ETA), one when done."""
+        if not self.tables:
+            return
+        recovery = self.tables.recovery
+        progress = self._recovery_progress
+        at = time.monotonic()
+        if recovery.in_recovery:
+            remaining = recovery.active_remaining_total()
+            if progress is None:
+                if remaining > 0:
+                    self._recovery_progress = progress = storage.RecoveryProgress()
+                    progress.begin(storage.RecoverySample(at, remaining))
+                    log.info("recovering tables: %s changelog records to apply", f"{remaining:,}")
+            elif progress.last is not None and at - progress.last.at >= 5.0:
+                log.info("%s", progress.update(storage.RecoverySample(at, remaining)))
+        elif progress is not None:
+            self._recovery_progress = None
+            log.info("%s", progress.finish(at))
 
     def event_topic(self, name: str) -> faust.TopicT:
         """The Faust topic that carries catalog topic ``name``."""
@@ -66,9 +199,10 @@ def create_app(
 ) -> PaystreamApp:
     """Build the app; ``registrars`` default to every domain in ``agents``."""
     settings = settings or Settings.from_env()
+    storage.configure_memory(settings.rocksdb_memory_mb)
     options: dict[str, Any] = {
         "broker": settings.kafka_url,
-        "store": "rocksdb://",
+        "store": storage.register(),
         "datadir": str(settings.state_dir / "worker"),
         "web_host": settings.worker_web_host,
         "web_bind": settings.worker_web_host,
@@ -82,6 +216,14 @@ def create_app(
         "table_standby_replicas": 0,
         "key_serializer": "raw",
         "value_serializer": "raw",
+        # Static membership: a restarted worker rejoins under the same id and
+        # gets its partitions back without a rebalance; a dead one is noticed
+        # after the session timeout.
+        "consumer_group_instance_id": settings.group_instance_id,
+        "broker_session_timeout": settings.session_timeout_seconds,
+        "broker_heartbeat_interval": settings.heartbeat_interval_seconds,
+        "consumer_max_fetch_size": CONSUMER_MAX_FETCH_BYTES,
+        "logging_config": QUIET_LOGGING,
     }
     options.update(faust_options)
     app = PaystreamApp(settings.app_id, **options)
@@ -104,15 +246,100 @@ def create_app(
         registrars = list(REGISTRARS)
     for register in registrars:
         register(app)
+    for table in app.tables.values():
+        # Bigger write batches while recovering (a Table argument in Faust,
+        # read when recovery starts; set here so every domain's tables get it).
+        table.recovery_buffer_size = max(table.recovery_buffer_size, RECOVERY_BUFFER_SIZE)
+        table.standby_buffer_size = max(table.standby_buffer_size, RECOVERY_BUFFER_SIZE)
     return app
 
 
 def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
-    """Run a worker in the foreground (``paystream worker``)."""
+    """Run a worker in the foreground (``paystream worker``).
+
+    At ``--loglevel debug`` nothing is quieted.
+    """
     worker_app = create_app(settings)
-    worker = faust.Worker(worker_app, loglevel=loglevel)
+    verbose = logging.getLevelName(loglevel.upper()) == logging.DEBUG
+    worker = faust.Worker(worker_app, loglevel=loglevel,
+                          logging_config={"merge": True} if verbose else None)
     worker.execute_from_commandline()
     return 0
+
+
+async def retry_until_reachable(
+    what: str,
+    attempt: Callable[[], Awaitable[T]],
+    *,
+    reachability_error: Callable[[BaseException], str | None],
+    first_delay: float = RETRY_FIRST_SECONDS,
+    max_delay: float = RETRY_MAX_SECONDS,
+) -> T:
+    """Run ``attempt`` until it succeeds, waiting while ``what`` is unreachable.
+
+    ``reachability_error(exc)`` says why an error means "not reachable yet"
+    (a short reason), or None for an error that must be raised.  The first
+    wait logs one WARNING line (what, why, "retrying"); later attempts are
+    silent unless the reason changes or :data:`WAIT_REMINDER_SECONDS` pass;
+    success after a wait logs one INFO line.
+    """
+    began = time.monotonic()
+    delay = first_delay
+    said: str | None = None
+    said_at = 0.0
+    while True:
+        try:
+            result = await attempt()
+        except Exception as exc:
+            reason = reachability_error(exc)
+            if reason is None:
+                raise
+            now = time.monotonic()
+            if reason != said or now - said_at >= WAIT_REMINDER_SECONDS:
+                waited = f" (waiting for {now - began:.0f} s)" if said else ""
+                log.warning("waiting for %s: %s; retrying%s", what, reason, waited)
+                said, said_at = reason, now
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)
+            continue
+        if said is not None:
+            log.info("%s is reachable after %.1f s", what, time.monotonic() - began)
+        return result
+
+
+def _broker_unreachable(exc: BaseException) -> str | None:
+    """Why ``exc`` means the broker is not reachable yet, or None."""
+    if not isinstance(exc, KafkaException) or not exc.args:
+        return None
+    error = exc.args[0]
+    if not isinstance(error, KafkaError):
+        return None
+    if error.code() in _BROKER_DOWN_CODES:
+        return error.str()
+    return None
+
+
+_BROKER_DOWN_CODES = frozenset({
+    KafkaError._TRANSPORT, KafkaError._TIMED_OUT, KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._RESOLVE, KafkaError._MSG_TIMED_OUT, KafkaError.BROKER_NOT_AVAILABLE,
+    KafkaError.NETWORK_EXCEPTION, KafkaError.REQUEST_TIMED_OUT,
+})
+
+
+def _registry_unreachable(exc: BaseException) -> str | None:
+    """Why ``exc`` means the registry is not reachable (or not serving) yet, or None."""
+    if isinstance(exc, SchemaRegistryError):
+        status = exc.http_status_code
+        if status in (408, 429) or (isinstance(status, int) and status >= 500):
+            return f"it answers {status} ({exc.error_message})"
+        return None
+    if isinstance(exc, _REGISTRY_TRANSPORT_ERRORS):
+        cause = exc.__cause__ or exc.__context__
+        detail = str(cause or exc) or type(exc).__name__
+        if "Connection refused" in detail:
+            return "connection refused"
+        return detail
+    return None
 
 
 def __getattr__(name: str) -> Any:

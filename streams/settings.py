@@ -8,6 +8,7 @@ docker-compose file can be checked against this single list.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -38,7 +39,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "NOTIFICATION_SERVICE_URL": ("notification_service_url", "http://localhost:8105"),
     "PAYMENT_SERVICE_URL": ("payment_service_url", "http://localhost:8106"),
     "STORAGE_SERVICE_URL": ("storage_service_url", "http://localhost:8107"),
+    # Worker resources and availability (README: "Running a worker").
+    "PAYSTREAM_ROCKSDB_MEMORY_MB": ("rocksdb_memory_mb", "64"),
+    "PAYSTREAM_INSTANCE_ID": ("instance_id", ""),
+    "PAYSTREAM_SESSION_TIMEOUT_SECONDS": ("session_timeout_seconds", "10"),
+    "PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS": ("heartbeat_interval_seconds", "1"),
 }
+
+#: The broker's default ``group.min.session.timeout.ms``: a shorter session is
+#: refused at JoinGroup, so it is refused here, where the message is clearer.
+MIN_SESSION_TIMEOUT_SECONDS = 6.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,28 @@ class Settings:
     notification_service_url: str
     payment_service_url: str
     storage_service_url: str
+    #: Memory for all RocksDB tables of the process together: one block cache,
+    #: with the memtables charged to it (``tables.storage``).
+    rocksdb_memory_mb: int
+    #: Kafka static membership id of this worker (``group.instance.id``);
+    #: empty means derive it (see :attr:`group_instance_id`).
+    instance_id: str
+    session_timeout_seconds: float
+    heartbeat_interval_seconds: float
+
+    def __post_init__(self) -> None:
+        if self.rocksdb_memory_mb < 8:
+            raise ValueError(
+                f"PAYSTREAM_ROCKSDB_MEMORY_MB={self.rocksdb_memory_mb} is too small (minimum 8)")
+        if self.session_timeout_seconds < MIN_SESSION_TIMEOUT_SECONDS:
+            raise ValueError(
+                f"PAYSTREAM_SESSION_TIMEOUT_SECONDS={self.session_timeout_seconds:g} is below the "
+                f"broker's minimum group session timeout ({MIN_SESSION_TIMEOUT_SECONDS:g} s)")
+        if not 0 < self.heartbeat_interval_seconds <= self.session_timeout_seconds / 3:
+            raise ValueError(
+                f"PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS={self.heartbeat_interval_seconds:g} must be "
+                f"positive and at most a third of the session timeout "
+                f"({self.session_timeout_seconds:g} s)")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: object) -> Settings:
@@ -92,6 +124,17 @@ class Settings:
         private copies of every topic without renaming anything in code.
         """
         return f"{self.topic_prefix}{name}"
+
+    @property
+    def group_instance_id(self) -> str:
+        """This worker's static membership id: ``PAYSTREAM_INSTANCE_ID`` or host + web port.
+
+        Stable across restarts of the same worker (same host, same port), and
+        different for two workers on one host (they cannot share a port).  A
+        worker that restarts under the same id takes its partitions back at
+        once, without waiting for its old session to expire.
+        """
+        return self.instance_id or f"{socket.gethostname()}-{self.worker_web_port}"
 
     @property
     def kafka_url(self) -> str:
