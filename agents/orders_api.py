@@ -151,8 +151,11 @@ class OrderApi:
         """A command record for ``order_id``; keyed requests get a derived id and a fingerprint."""
         key = _idempotency_key(request)
         if key is not None:
-            args = {**args, "idempotency_key": key, "fingerprint": aggregate.fingerprint(verb, args)}
-            command_id = aggregate.derived_id("api", order_id, verb, key)
+            # The fingerprint is part of the id: a concurrent reuse of the key with
+            # other parameters is another command, decided (and refused) on its own.
+            fingerprint = aggregate.fingerprint(verb, args)
+            args = {**args, "idempotency_key": key, "fingerprint": fingerprint}
+            command_id = aggregate.derived_id("api", order_id, verb, key, fingerprint)
         else:
             command_id = str(uuid.uuid4())
         return aggregate.command(verb, "order_id", order_id, cause=None, now_ms=now_ms(),
@@ -172,6 +175,10 @@ class OrderApi:
             order_id = aggregate.derived_id("api-order", user_id, key)
         else:
             order_id = request.headers.get(ORDER_ID_HEADER) or str(uuid.uuid4())
+            try:
+                order_id = str(uuid.UUID(order_id))
+            except ValueError:
+                return _error(400, "bad_request", f"{ORDER_ID_HEADER} must be a UUID")
         return await self.owned(
             self.orders, order_id, request,
             lambda: self._create_here(body, request, order_id), {ORDER_ID_HEADER: order_id},
@@ -190,14 +197,21 @@ class OrderApi:
         key = _idempotency_key(request)
         extra: dict[str, Any] = {}
         if key is not None:
-            extra = {"idempotency_key": key, "fingerprint": aggregate.fingerprint("create", body)}
+            # Same key and parameters, same command id: the retry is the request.
+            fingerprint = aggregate.fingerprint("create", body)
+            extra = {"idempotency_key": key, "fingerprint": fingerprint}
+            command_id = aggregate.derived_id("api-create", order_id, fingerprint)
+        else:
+            # A fresh id: a create naming an existing order (a client that set the
+            # order id header) is then refused as a taken id, never "found".
+            command_id = str(uuid.uuid4())
         if window is not None:
             if isinstance(window, bool) or not isinstance(window, (int, float)) or window <= 0:
                 raise BadRequest("payment_window_seconds must be a positive number")
             args["expires_at"] = now_ms() + int(window * 1000)
         record = aggregate.command(
             "create", "order_id", order_id, cause=None, now_ms=now_ms(), origin="api",
-            command_id=aggregate.derived_id("api-create", order_id), **args, **extra,
+            command_id=command_id, **args, **extra,
         )
         return await self.command(record, success=201)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from functools import cache
 from typing import Any
 
 from fastavro.validation import ValidationError, validate
@@ -62,7 +63,7 @@ def new_event(
     The payload's values are not copied.
     """
     parsed = parsed_schema(topic)
-    fields = schema_dict(topic)["fields"]
+    fields = _fields(topic)
     if not isinstance(payload, Mapping):
         raise InvalidEvent(topic, f"payload must be a mapping, not {type(payload).__name__}")
 
@@ -139,6 +140,13 @@ def _correlation_id(topic: str, cause: Mapping[str, Any] | None, given: str | No
     return str(inherited or given or uuid.uuid4())
 
 
+@cache
+def _fields(topic: str) -> tuple[dict[str, Any], ...]:
+    """The contract's fields, copied once per process: :func:`new_event` only reads them
+    (defaults are copied per event), and building events is on every agent's hot path."""
+    return tuple(schema_dict(topic)["fields"])
+
+
 def _causation_id(topic: str, cause: Mapping[str, Any] | None) -> str | None:
     if cause is None:
         return None
@@ -148,7 +156,7 @@ def _causation_id(topic: str, cause: Mapping[str, Any] | None) -> str | None:
     return str(cause_id)
 
 
-def _default_of(fields: list[dict[str, Any]], name: str) -> Any:
+def _default_of(fields: Iterable[dict[str, Any]], name: str) -> Any:
     for field in fields:
         if field["name"] == name:
             return field.get("default")

@@ -333,15 +333,19 @@ class Order:
     closed_at_ms: int | None = None
     applied_event_ids: list[str] = field(default_factory=list)
     idempotency_keys: dict[str, str] = field(default_factory=dict)
+    create_key: str | None = None  # the Idempotency-Key that created it: kept for its life
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe form for the table: only str, int, None, lists and dicts.
 
-        Deep-copied, so the stored value never aliases the live object.
+        Copied (every list and map; an item is a flat map), so the stored value
+        never aliases the live object.  Written out rather than
+        ``dataclasses.asdict``, whose generic deep copy costs more than the
+        rest of a decision on the agent's hot path.
         """
-        data = dataclasses.asdict(self)
+        data = {name: getattr(self, name) for name in _ORDER_FIELD_ORDER}
         data["status"] = self.status.value
-        return data
+        return _copied(data)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Order:
@@ -381,6 +385,7 @@ class Order:
             closed_at_ms=_optional_int(data.get("closed_at_ms")),
             applied_event_ids=list(data.get("applied_event_ids") or [])[-MAX_APPLIED_IDS:],
             idempotency_keys=dict(data.get("idempotency_keys") or {}),
+            create_key=data.get("create_key"),
         )
 
 
@@ -393,7 +398,8 @@ _REQUIRED_ROW_KEYS = (
     "currency",
     "created_at_ms",
 )
-_ORDER_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(Order))
+_ORDER_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(Order))
+_ORDER_FIELD_NAMES = frozenset(_ORDER_FIELD_ORDER)
 
 
 def _optional_int(value: Any) -> int | None:
@@ -416,11 +422,29 @@ def _require_transition(order: Order, target: OrderStatus, action: str, detail: 
 def _evolve(order: Order, applied_id: str, now_ms: int, **changes: Any) -> Order:
     """The next row: ``changes`` applied, the input's id remembered, time bumped.
 
-    Works on a deep copy, so the caller's row (which the agent may still
-    hold, or which a test compares against) is never mutated.
+    Works on a copy, so the caller's row (which the agent may still hold, or
+    which a test compares against) is never mutated.
     """
     ids = [*order.applied_event_ids, applied_id][-MAX_APPLIED_IDS:]
-    return dataclasses.replace(copy.deepcopy(order), applied_event_ids=ids, updated_at_ms=now_ms, **changes)
+    copied = {name: value for name, value in _copied(_vars_of(order)).items() if name not in changes}
+    return Order(**{**copied, **changes, "applied_event_ids": ids, "updated_at_ms": now_ms})
+
+
+def _vars_of(order: Order) -> dict[str, Any]:
+    """The row's fields by name (shared values: copy with :func:`_copied`)."""
+    return {name: getattr(order, name) for name in _ORDER_FIELD_ORDER}
+
+
+def _copied(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every list and map copied (two levels: rows hold lists of flat maps)."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if isinstance(value, list):
+            value = [dict(v) if isinstance(v, dict) else v for v in value]
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[name] = value
+    return out
 
 
 # --------------------------------------------------------------------------
@@ -599,7 +623,10 @@ def _remember_request(order: Order, command: Mapping[str, Any]) -> Order:
     key = command.get("idempotency_key")
     if key is not None:
         keys = {**order.idempotency_keys, key: str(command["fingerprint"])}
-        order.idempotency_keys = dict(list(keys.items())[-MAX_IDEMPOTENCY_KEYS:])
+        kept = dict(list(keys.items())[-MAX_IDEMPOTENCY_KEYS:])
+        if order.create_key is not None and order.create_key in keys:  # never forgotten
+            kept[order.create_key] = keys[order.create_key]
+        order.idempotency_keys = kept
     return order
 
 
@@ -1146,7 +1173,10 @@ def update(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
     if metadata != current.metadata:
         diff["metadata"] = _json(metadata)
     if not diff:
-        return _NOOP
+        if command.get("idempotency_key") is None:
+            return _NOOP
+        # Nothing changes, but the key now names this request: remember it.
+        return Decision(row=_remember_request(_evolve(current, command_id, now_ms), command))
     updated = _evolve(
         current,
         command_id,
@@ -1233,6 +1263,7 @@ def create(order: Order | None, command: Mapping[str, Any], now_ms: int, default
     event = {name: command[name] for name in CREATE_ARGS if name in command}
     event.update(event_id=created_id, occurred_at=issued_at, order_id=order_id)
     created = on_order_created(order, event, now_ms, default_window_ms).row
+    created.create_key = command.get("idempotency_key")
     _remember_request(created, command)
     payload = _payload(
         ORDER_CREATED,
@@ -1296,6 +1327,7 @@ def order_view(order: Order) -> dict[str, Any]:
     view = order.to_dict()
     del view["applied_event_ids"]
     del view["idempotency_keys"]
+    del view["create_key"]
     view["refundable_amount"] = refundable_amount(order)
     return view
 

@@ -551,11 +551,6 @@ def slow_orders(pipe: Pipeline, monkeypatch: pytest.MonkeyPatch, delay: float = 
     monkeypatch.setattr(orders, "process", slowly)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a keyed request's command id is derived from the key alone, and the aggregate's "
-    "answer resolves every request waiting on that id; a concurrent request with the same "
-    "key and other parameters is answered 201 with the order the first request's parameters "
-    "made, not 422"))
 async def test_concurrent_requests_under_one_key_with_other_parameters(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -571,10 +566,6 @@ async def test_concurrent_requests_under_one_key_with_other_parameters(
     assert await pipe.order(created["order_id"]) == created
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: POST /orders trusts the internal X-Paystream-Order-Id header from any client; a "
-    "create without Idempotency-Key naming an existing order's id is decided as a duplicate "
-    "of that order's create, and the caller gets 201 with another user's order"))
 async def test_a_client_cannot_pick_the_order_id_of_another_users_order(pipe: Pipeline) -> None:
     client = pipe.api.client
     victim = await pipe.create_order(uid("u-victim"))
@@ -585,10 +576,6 @@ async def test_a_client_cannot_pick_the_order_id_of_another_users_order(pipe: Pi
     assert response.status_code != 201 or response.json()["user_id"] == attacker, response.text
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: the order row keeps its last MAX_IDEMPOTENCY_KEYS keys, the create's key first to "
-    "go, although the API documents a create key as remembered for the order's life; after "
-    "that many keyed PATCHes a create retried with other parameters answers 201, not 422"))
 async def test_the_create_key_outlives_many_keyed_commands(pipe: Pipeline) -> None:
     client = pipe.api.client
     user, key = uid("u-keys"), uid("create")
