@@ -1,16 +1,64 @@
-"""Persisted deadlines, bucketed into time windows, closed by a timer.
+"""Persisted deadlines, one table key per deadline, handed over by a timer.
 
 Why not Faust's windowed tables and ``on_window_close``: windows restored from
 the changelog are never registered for expiry (faust-streaming #385, #193),
-so a deadline would be lost across a restart or a rebalance.  Here a deadline
-is a plain entry in a changelog-backed table, keyed by its window and the
-partition of the aggregate it belongs to (``"<window start ms>:<partition>"``
--> ``{aggregate_id: deadline_ms}``).  A timer on every worker scans the window
-keys of the partitions it owns (a RocksDB table iterates only those), and
-hands each due aggregate to ``on_due``, which sends a keyed command so the
-agent that owns the aggregate decides, re-checking its state.  That agent
-then cancels the entry; until it does, the timer hands it over again after
-``redeliver_after`` seconds, so a command lost in a rebalance is not the end.
+and one ``last_closed_window`` covers all partitions, so a deadline would be
+lost across a restart or a rebalance.  Here a deadline is a plain entry of a
+changelog-backed table.
+
+Layout.  Key = the deadline as 8 bytes big-endian epoch ms, then the
+aggregate id in UTF-8; value = the partition number (a JSON int, 1-2 bytes).
+The entry is written while the owning agent processes an event of the
+aggregate (Faust's *current event*), so it lives in the aggregate's partition,
+moves with it on a rebalance and is restored from the changelog with it.
+Scheduling or cancelling writes one changelog record of about fifty bytes
+(never more than :data:`MAX_AGGREGATE_ID_BYTES` + 11), however many deadlines
+are pending: no record ever grows with the index.
+
+Hand-over.  RocksDB keeps each partition's keys sorted, and big-endian
+milliseconds sort by time, so the due deadlines of a partition are a prefix of
+its keys.  ``app.timer`` runs :meth:`Deadlines.close_due` on every worker;
+it reads each partition this worker owns from a cursor up to "now" (an
+iterator upper bound, so RocksDB stops there), merges the partitions in
+deadline order and gives the due ``(aggregate_id, deadline_ms)`` pairs to
+``on_due`` in batches of at most ``batch_size``.  ``on_due`` sends keyed
+commands so the agent that owns each aggregate decides, re-checking its
+state, and cancels the entry.  The cursor means nothing is re-read once
+handed; a handed entry is remembered, and handed again only if it is still
+present ``redeliver_after`` seconds later (a command lost in a rebalance).
+A schedule behind a cursor moves the cursor back, so a deadline that is due
+when written is handed on the next tick.  After a rebalance, everything about
+partitions this worker no longer owns is dropped and every owned partition
+is read from its start again (what is still marked as handed is not handed
+twice).  Nothing is handed while Faust rebalances or recovers (the restored
+state is incomplete then).
+
+Hand-over is at least once: a crash or a failed ``on_due`` hands again.
+This module never decides anything itself; an entry leaves the index only
+through :meth:`Deadlines.cancel`.
+
+Changelog.  Compacted, with small segments and a low dirty ratio
+(:data:`CHANGELOG_TOPIC_CONFIGS`) so the tombstones of fired deadlines are
+cleaned within hours.  Faust creates the changelog topic with these configs;
+it never alters an existing topic, so a changelog created by an older version
+keeps its configs until an operator alters them (``kafka-configs --alter``).
+
+The old bucketed format.  Earlier versions kept ``"<window start ms,
+15 digits>:<partition>" -> {aggregate_id: deadline_ms}`` in the same table
+(windows of 5000 ms).  Those ASCII keys start with a digit (0x30-0x39) and
+new keys with 0x00 (any deadline below 2**56 ms, some two million years), so
+old buckets sort after every new key.  The first time the timer reads a partition it owns, it
+lists that partition's old buckets and hands *all* their entries over once
+(due or not); the owning agent re-checks each: a due one expires and is
+cancelled, a not-yet-due one is scheduled again.  :meth:`Deadlines.schedule`
+and :meth:`Deadlines.cancel` remove the aggregate from the old bucket of
+that window (deleting the bucket when it empties) while a partition may still
+hold old buckets; once a partition is known to hold none this costs nothing.
+
+The access to the RocksDB store's partition databases is Faust-private; it
+is isolated in :func:`rocksdict_partition_dbs`.  Any other store (the
+``memory://`` store of unit tests) falls back to sorting each partition's
+keys on every read.
 
 One mechanism for every timer of the pipeline: order.expired here, and
 invoice.overdue and subscription.expired in the payment domain.
@@ -18,24 +66,478 @@ invoice.overdue and subscription.expired in the payment domain.
 
 from __future__ import annotations
 
+import bisect
+import heapq
+import json
+import logging
+import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from typing import Any, Protocol
 
 import faust
-from faust.types import EventT
 
 from streams import catalog
 
-OnDue = Callable[[str, int], Awaitable[None]]
+logger = logging.getLogger(__name__)
+
+#: ``on_due(batch)``: a batch of due ``(aggregate_id, deadline_ms)``, in deadline order.
+OnDue = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
+
+#: Topic configs of the changelog: compacted, segments rolled hourly or at
+#: 64 MiB so the cleaner reaches tombstones, cleaned at 10 % dirty, and a
+#: tombstone kept an hour after cleaning.  A reader that misses a tombstone
+#: (down longer than that) keeps a stale entry, which the timer hands over
+#: and the owning agent cancels after re-checking: it heals itself.
+CHANGELOG_TOPIC_CONFIGS: Mapping[str, str] = {
+    "cleanup.policy": "compact",
+    "segment.ms": str(60 * 60 * 1000),
+    "segment.bytes": str(64 * 1024 * 1024),
+    "min.cleanable.dirty.ratio": "0.1",
+    "delete.retention.ms": str(60 * 60 * 1000),
+}
+
+#: Deadlines are epoch ms below 2**56 (two million years): the key's first byte is 0.
+MAX_DEADLINE_MS = (1 << 56) - 1
+#: Longest aggregate id accepted, in UTF-8 bytes (keeps every record far below 1 KiB).
+MAX_AGGREGATE_ID_BYTES = 512
+_STAMP = 8
+
+#: All keys of the current format lie in [NEW_LOW, NEW_HIGH).
+NEW_LOW, NEW_HIGH = b"", b"\x01"
+#: All keys of the old bucketed format lie in [LEGACY_LOW, LEGACY_HIGH) (a digit first).
+LEGACY_LOW, LEGACY_HIGH = b"0", b":"
+#: Window of the old bucketed format.
+LEGACY_WINDOW_MS = 5_000
+_LEGACY_KEY = re.compile(rb"(\d{15}):(\d+)")
 
 
 def now_ms() -> int:
+    """Wall-clock epoch milliseconds (the clock deadlines are compared with)."""
     return time.time_ns() // 1_000_000
 
 
+# ----------------------------------------------------------------------
+# Key codec
+
+
+def deadline_key(aggregate_id: str, deadline_ms: int) -> bytes:
+    """The table key of one deadline: 8-byte big-endian ``deadline_ms`` + the id in UTF-8."""
+    if isinstance(deadline_ms, bool) or not isinstance(deadline_ms, int):
+        raise TypeError(f"deadline_ms must be an int of epoch ms, not {deadline_ms!r}")
+    if not 0 <= deadline_ms <= MAX_DEADLINE_MS:
+        raise ValueError(f"deadline_ms {deadline_ms} is outside 0..{MAX_DEADLINE_MS}")
+    if not isinstance(aggregate_id, str) or not aggregate_id:
+        raise ValueError(f"aggregate_id must be a non-empty str, not {aggregate_id!r}")
+    ident = aggregate_id.encode()
+    if len(ident) > MAX_AGGREGATE_ID_BYTES:
+        raise ValueError(f"aggregate_id is {len(ident)} bytes; at most {MAX_AGGREGATE_ID_BYTES}")
+    return deadline_ms.to_bytes(_STAMP, "big") + ident
+
+
+def is_deadline_key(key: bytes) -> bool:
+    """Whether ``key`` is a key of the current format."""
+    return len(key) > _STAMP and key[0] == 0
+
+
+def parse_key(key: bytes) -> tuple[str, int]:
+    """``(aggregate_id, deadline_ms)`` of a key made by :func:`deadline_key`."""
+    if not is_deadline_key(key):
+        raise ValueError(f"{key!r} is not a deadline key")
+    return key[_STAMP:].decode(), int.from_bytes(key[:_STAMP], "big")
+
+
+def due_bound(at_ms: int) -> bytes:
+    """The smallest key that is not due at ``at_ms``: every key below it is due."""
+    return min(max(at_ms + 1, 0), MAX_DEADLINE_MS + 1).to_bytes(_STAMP, "big")
+
+
+def key_after(key: bytes) -> bytes:
+    """The smallest key greater than ``key``."""
+    return key + b"\x00"
+
+
+def legacy_key(deadline_ms: int, partition: int) -> bytes:
+    """The old-format bucket key that held ``deadline_ms`` in ``partition``."""
+    window = deadline_ms - deadline_ms % LEGACY_WINDOW_MS
+    return f"{window:015d}:{partition}".encode()
+
+
+def is_legacy_key(key: bytes) -> bool:
+    """Whether ``key`` is an old-format bucket key."""
+    return _LEGACY_KEY.fullmatch(key) is not None
+
+
+def legacy_entries(bucket: Any) -> list[tuple[int, str]]:
+    """The ``(deadline_ms, aggregate_id)`` of an old bucket value, sorted; malformed ones left out."""
+    if not isinstance(bucket, Mapping):
+        return []
+    return sorted(
+        (deadline, aggregate_id)
+        for aggregate_id, deadline in bucket.items()
+        if isinstance(aggregate_id, str) and isinstance(deadline, int) and not isinstance(deadline, bool)
+    )
+
+
+# ----------------------------------------------------------------------
+# Reading a table partition by partition, in key order
+
+
+class KeySource(Protocol):
+    """This worker's partitions of a deadline table, read in key order."""
+
+    def partitions(self) -> Collection[int]:
+        """The partitions this worker owns and holds data of."""
+        ...
+
+    def keys(self, partition: int, start: bytes, stop: bytes) -> Iterator[bytes]:
+        """Keys ``start <= key < stop`` of ``partition``, ascending."""
+        ...
+
+    def has(self, partition: int, key: bytes) -> bool:
+        """Whether ``key`` is present in ``partition``."""
+        ...
+
+    def bucket(self, partition: int, key: bytes) -> Any:
+        """The decoded value of an old-format bucket key (None if absent)."""
+        ...
+
+
+class RdictSource:
+    """Partition databases of Faust's RocksDB store (rocksdict, raw mode), read directly."""
+
+    def __init__(self, dbs: Mapping[int, Any]) -> None:
+        self._dbs = dict(dbs)
+
+    def partitions(self) -> Collection[int]:
+        return self._dbs.keys()
+
+    def keys(self, partition: int, start: bytes, stop: bytes) -> Iterator[bytes]:
+        import rocksdict
+
+        bounds = rocksdict.ReadOptions()
+        bounds.set_iterate_upper_bound(stop)  # RocksDB stops at ``stop`` (and skips tombstones past it)
+        return iter(self._dbs[partition].keys(from_key=start, read_opt=bounds))
+
+    def has(self, partition: int, key: bytes) -> bool:
+        return self._dbs[partition].get(key) is not None
+
+    def bucket(self, partition: int, key: bytes) -> Any:
+        raw = self._dbs[partition].get(key)
+        return None if raw is None else json.loads(raw)
+
+
+class SortedSource:
+    """Any store, read through the table and sorted per partition (the ``memory://`` fallback).
+
+    The partition of a current-format entry is its value; an old bucket names
+    its partition in its key.  Other keys are ignored.
+    """
+
+    def __init__(self, entries: Iterable[tuple[int, bytes, Any]]) -> None:
+        self._values: dict[int, dict[bytes, Any]] = {}
+        for partition, key, value in entries:
+            self._values.setdefault(partition, {})[key] = value
+        self._sorted = {p: sorted(values) for p, values in self._values.items()}
+
+    @classmethod
+    def from_items(cls, items: Iterable[tuple[Any, Any]]) -> SortedSource:
+        """From a table's ``items()`` (keys as bytes, values decoded)."""
+        def entries() -> Iterator[tuple[int, bytes, Any]]:
+            for key, value in items:
+                if not isinstance(key, bytes):
+                    continue
+                if is_deadline_key(key) and isinstance(value, int) and not isinstance(value, bool):
+                    yield value, key, value
+                    continue
+                match = _LEGACY_KEY.fullmatch(key)
+                if match is not None:
+                    yield int(match.group(2)), key, value
+        return cls(entries())
+
+    def partitions(self) -> Collection[int]:
+        return self._sorted.keys()
+
+    def keys(self, partition: int, start: bytes, stop: bytes) -> Iterator[bytes]:
+        keys = self._sorted.get(partition, [])
+        return iter(keys[bisect.bisect_left(keys, start):bisect.bisect_left(keys, stop)])
+
+    def has(self, partition: int, key: bytes) -> bool:
+        return key in self._values.get(partition, {})
+
+    def bucket(self, partition: int, key: bytes) -> Any:
+        return self._values.get(partition, {}).get(key)
+
+
+def rocksdict_partition_dbs(table: Any) -> dict[int, Any] | None:
+    """This worker's active partition DBs of ``table``'s RocksDB store, or None for any other store.
+
+    Faust-private; checked against faust-streaming 0.15.3
+    (``faust/stores/rocksdb.py``): ``Store._dbs`` maps a partition number to
+    its own ``rocksdict.Rdict``, opened in raw mode, whose keys are the
+    serialized table keys (here the raw bytes) plus ``Store.offset_key``
+    (``b"__faust\\0offset__"``, outside both key ranges of this module); the
+    store's own iteration (``_dbs_for_actives``) keeps the partitions whose
+    changelog partition is among ``app.assignor.assigned_actives()``, and so
+    does this.  With the python-rocksdb driver (``use_rocksdict`` false) it
+    returns None and the sorting fallback is used.
+    """
+    from faust.stores import rocksdb as rocksdb_store
+    from faust.types import TP
+
+    store = table.data
+    if not isinstance(store, rocksdb_store.Store) or not store.use_rocksdict:
+        return None
+    actives = table.app.assignor.assigned_actives()
+    topic = table.changelog_topic_name
+    return {p: db for p, db in list(store._dbs.items()) if TP(topic, p) in actives}
+
+
+# ----------------------------------------------------------------------
+# Cursors and hand-over bookkeeping (pure: no Faust)
+
+
+@dataclass(frozen=True)
+class _LegacyProgress:
+    """Where the once-per-process hand-over of a partition's old buckets stands."""
+
+    buckets: tuple[bytes, ...]
+    index: int = 0
+    after: tuple[int, str] | None = None  # last entry handed of ``buckets[index]``
+
+
+@dataclass
+class Batch:
+    """One hand-over: ``due`` for ``on_due``, and what to undo if it fails."""
+
+    due: list[tuple[str, int]] = field(default_factory=list)
+    #: (partition, key, stamp before): stamp None for a first hand-over.
+    taken: list[tuple[int, bytes, float | None]] = field(default_factory=list)
+    cursors_before: dict[int, bytes | None] = field(default_factory=dict)
+    legacy_before: dict[int, _LegacyProgress] = field(default_factory=dict)
+
+
+class DueIndex:
+    """Per-partition cursors, hand-over marks and old-format progress.
+
+    ``cursor[p]``: every key of partition ``p`` below it was examined; each
+    one still present is marked as handed (``marks[p]``: key -> monotonic time
+    of its last hand-over, oldest first).  :meth:`written` keeps this true for
+    keys written behind the cursor; a rebalance resets the cursors.
+    """
+
+    def __init__(self, *, redeliver_after: float, batch_size: int, name: str = "deadlines") -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.name = name
+        self.redeliver_after = redeliver_after
+        self.batch_size = batch_size
+        self._owned: frozenset[int] = frozenset()
+        self._epoch: object = None
+        self._cursors: dict[int, bytes] = {}
+        self._marks: dict[int, OrderedDict[bytes, float]] = {}
+        self._legacy_keys: dict[int, set[bytes]] = {}
+        self._legacy_todo: dict[int, _LegacyProgress] = {}
+        self._legacy_started: set[int] = set()
+
+    # -- assignment -----------------------------------------------------
+
+    @property
+    def owned(self) -> frozenset[int]:
+        return self._owned
+
+    def sync(self, owned: Iterable[int], epoch: object) -> None:
+        """Follow the partitions this worker owns; ``epoch`` changes with every rebalance.
+
+        Partitions no longer owned are forgotten (a later re-assignment
+        starts from scratch).  After a rebalance every owned partition is
+        read from its start again (it may have been lost and regained, and
+        changed meanwhile); its marks are kept so in-flight hand-overs are not
+        repeated before ``redeliver_after``.
+        """
+        now_owned = frozenset(owned)
+        if now_owned == self._owned and epoch == self._epoch:
+            return
+        for partition in self._owned - now_owned:
+            self._cursors.pop(partition, None)
+            self._marks.pop(partition, None)
+            self._legacy_keys.pop(partition, None)
+            self._legacy_todo.pop(partition, None)
+            self._legacy_started.discard(partition)
+        if epoch != self._epoch:
+            for partition in now_owned:
+                self._cursors.pop(partition, None)
+                self._legacy_keys.pop(partition, None)
+        self._owned, self._epoch = now_owned, epoch
+
+    def cursor(self, partition: int) -> bytes | None:
+        return self._cursors.get(partition)
+
+    def marked(self, partition: int) -> Collection[bytes]:
+        return self._marks.get(partition, {}).keys()
+
+    # -- writes by the owning agent ---------------------------------------
+
+    def written(self, partition: int, key: bytes) -> None:
+        """A key was written to ``partition``: move its cursor back if it is behind."""
+        cursor = self._cursors.get(partition)
+        if cursor is not None and key < cursor:
+            self._cursors[partition] = key
+
+    def removed(self, partition: int, key: bytes) -> None:
+        """A key was cancelled: forget its hand-over."""
+        marks = self._marks.get(partition)
+        if marks is not None:
+            marks.pop(key, None)
+
+    def legacy_keys(self, partition: int) -> set[bytes] | None:
+        """Old buckets known in ``partition`` (None: not listed yet, any may exist)."""
+        return self._legacy_keys.get(partition)
+
+    def legacy_removed(self, partition: int, key: bytes) -> None:
+        keys = self._legacy_keys.get(partition)
+        if keys is not None:
+            keys.discard(key)
+
+    # -- selection --------------------------------------------------------
+
+    def take(self, source: KeySource, at_ms: int, clock: float) -> Batch:
+        """Select and mark the next batch: redeliveries, then due keys in order, then old entries.
+
+        The cursors and marks move as if the batch was handed; :meth:`undo`
+        takes that back if handing it fails.
+        """
+        batch = Batch()
+        bound = due_bound(at_ms)
+        partitions = sorted(self._owned & set(source.partitions()))
+        self._take_redeliveries(batch, source, partitions, bound, clock)
+        self._take_due(batch, source, partitions, bound, clock)
+        self._take_legacy(batch, source, partitions)
+        return batch
+
+    def _room(self, batch: Batch) -> int:
+        return self.batch_size - len(batch.due)
+
+    def _take_redeliveries(
+        self, batch: Batch, source: KeySource, partitions: list[int], bound: bytes, clock: float
+    ) -> None:
+        horizon = clock - self.redeliver_after
+        for partition in partitions:
+            marks = self._marks.get(partition)
+            while marks and self._room(batch) > 0:
+                key, stamp = next(iter(marks.items()))
+                if stamp > horizon:
+                    break
+                if not source.has(partition, key):
+                    del marks[key]  # cancelled behind our back (e.g. before a restart of the mark)
+                    continue
+                marks.move_to_end(key)
+                marks[key] = clock
+                if key >= bound:  # the clock went back: not due after all
+                    continue
+                batch.due.append(parse_key(key))
+                batch.taken.append((partition, key, stamp))
+
+    def _take_due(
+        self, batch: Batch, source: KeySource, partitions: list[int], bound: bytes, clock: float
+    ) -> None:
+        room = self._room(batch)
+        if room <= 0:
+            return
+        exhausted: set[int] = set()
+
+        def due_in(partition: int) -> Iterator[tuple[bytes, int]]:
+            marks = self._marks.get(partition, {})
+            start = self._cursors.get(partition, NEW_LOW)
+            for key in source.keys(partition, start, bound):
+                if key not in marks and is_deadline_key(key):
+                    yield key, partition
+            exhausted.add(partition)
+
+        for key, partition in islice(heapq.merge(*(due_in(p) for p in partitions)), room):
+            if partition not in batch.cursors_before:
+                batch.cursors_before[partition] = self._cursors.get(partition)
+            self._cursors[partition] = key_after(key)
+            self._marks.setdefault(partition, OrderedDict())[key] = clock
+            batch.due.append(parse_key(key))
+            batch.taken.append((partition, key, None))
+        # A partition read to the bound had everything below it examined.
+        for partition in exhausted:
+            if partition not in batch.cursors_before:
+                batch.cursors_before[partition] = self._cursors.get(partition)
+            self._cursors[partition] = max(self._cursors.get(partition, NEW_LOW), bound)
+
+    def _take_legacy(self, batch: Batch, source: KeySource, partitions: list[int]) -> None:
+        for partition in partitions:
+            if partition not in self._legacy_keys:
+                found = [k for k in source.keys(partition, LEGACY_LOW, LEGACY_HIGH) if is_legacy_key(k)]
+                self._legacy_keys[partition] = set(found)
+                if found and partition not in self._legacy_started:
+                    self._legacy_started.add(partition)
+                    self._legacy_todo[partition] = _LegacyProgress(tuple(found))
+                    logger.info(
+                        "%s: partition %d holds %d buckets of the old format: "
+                        "handing their entries over once to convert them", self.name, partition, len(found),
+                    )
+            progress = self._legacy_todo.get(partition)
+            while progress is not None and self._room(batch) > 0:
+                if partition not in batch.legacy_before:
+                    batch.legacy_before[partition] = progress
+                if progress.index >= len(progress.buckets):
+                    del self._legacy_todo[partition]
+                    break
+                entries = legacy_entries(source.bucket(partition, progress.buckets[progress.index]))
+                if progress.after is not None:
+                    entries = entries[bisect.bisect_right(entries, progress.after):]
+                taken = entries[: self._room(batch)]
+                batch.due.extend((aggregate_id, deadline) for deadline, aggregate_id in taken)
+                if len(taken) < len(entries):
+                    progress = _LegacyProgress(progress.buckets, progress.index, taken[-1])
+                else:
+                    progress = _LegacyProgress(progress.buckets, progress.index + 1)
+                self._legacy_todo[partition] = progress
+
+    def undo(self, batch: Batch) -> None:
+        """Take back what :meth:`take` recorded for a batch that was not handed over."""
+        for partition, key, stamp in reversed(batch.taken):
+            marks = self._marks.get(partition)
+            if marks is None:
+                continue  # no longer owned
+            if stamp is None:
+                marks.pop(key, None)
+            elif key in marks:
+                marks[key] = stamp
+                marks.move_to_end(key, last=False)
+        for partition, before in batch.cursors_before.items():
+            if partition not in self._owned:
+                continue
+            # Back to where it was (every key taken lies at or after it), or further
+            # back if a write moved it back meanwhile.
+            current = self._cursors.get(partition)
+            if before is None or current is None:
+                self._cursors.pop(partition, None)  # read it from its start again
+            else:
+                self._cursors[partition] = min(before, current)
+        for partition, progress in batch.legacy_before.items():
+            if partition in self._owned:
+                self._legacy_todo[partition] = progress
+
+
+# ----------------------------------------------------------------------
+# The Faust-side index
+
+
 class Deadlines:
-    """A deadline index named ``name`` on ``app``; see the module docstring."""
+    """A deadline index named ``name`` on ``app``; see the module docstring.
+
+    ``on_due(batch)`` receives due ``(aggregate_id, deadline_ms)`` pairs, at
+    most ``batch_size`` at a time.  ``interval`` is the timer period in
+    seconds; ``partitions`` must match the partition count of the topics the
+    owning agents read (the changelog is co-partitioned with them).
+    """
 
     def __init__(
         self,
@@ -43,92 +545,132 @@ class Deadlines:
         name: str,
         on_due: OnDue,
         *,
-        window_ms: int = 5_000,
         interval: float = 0.5,
-        redeliver_after: float = 15.0,
+        redeliver_after: float = 60.0,
         partitions: int = catalog.EVENT_PARTITIONS,
+        batch_size: int = 5_000,
     ) -> None:
+        self.app = app
         self.name = name
-        self.window_ms = window_ms
         self.on_due = on_due
+        self.batch_size = batch_size
         self.redeliver_after = redeliver_after
         # bytes keys: the raw serializer, as on the topics (faust-streaming #514);
-        # values are JSON objects {aggregate_id: deadline_ms}.
+        # values are JSON: the partition number (an old bucket: {aggregate_id: deadline_ms}).
         self.table = app.Table(
             name, key_type=bytes, value_type=None, partitions=partitions, default=None,
+            extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIGS),
         )
-        self._handed: dict[tuple[str, int], float] = {}  # (aggregate, deadline) -> monotonic
+        self.index = DueIndex(redeliver_after=redeliver_after, batch_size=batch_size, name=name)
+
         async def tick() -> None:  # Faust passes the app to timers that take an argument
-            await self.close_due()
+            try:
+                await self.close_due()
+            except Exception:
+                # The batch was taken back (DueIndex.undo): the next tick hands it again.
+                logger.exception("%s: handing due deadlines over failed; retrying", name)
 
         app.timer(interval, name=f"{name}-timer")(tick)
 
-    def _key(self, deadline_ms: int, partition: int) -> str:
-        window = deadline_ms - deadline_ms % self.window_ms
-        return f"{window:015d}:{partition}"
+    # -- writes (inside the owning agent) -----------------------------------
 
-    @staticmethod
-    def _partition() -> int:
-        event: EventT | None = faust.current_event()
+    def _partition(self) -> int:
+        event = faust.current_event()
         if event is None:
-            raise RuntimeError("deadlines change only while an agent processes an event")
-        return event.message.partition
+            raise RuntimeError(
+                f"{self.name}: deadlines change only while an agent processes an event of the "
+                "aggregate's partition (Faust's current event is not set)"
+            )
+        return int(event.message.partition)
 
     def schedule(self, aggregate_id: str, deadline_ms: int) -> None:
-        """Remember a deadline (call while processing an event of ``aggregate_id``)."""
-        key = self._key(deadline_ms, self._partition())
-        entries = dict(self.table.get(key) or {})
-        if entries.get(aggregate_id) == deadline_ms:
-            return
-        entries[aggregate_id] = deadline_ms
-        self.table[key] = entries
+        """Remember a deadline (while processing an event of ``aggregate_id``'s partition).
+
+        Always writes (one small changelog record), so a replay re-asserts a
+        deadline whose first record a crash may have lost.
+        """
+        key = deadline_key(aggregate_id, deadline_ms)
+        partition = self._partition()
+        self.table[key] = partition
+        self.index.written(partition, key)
+        self._drop_legacy(partition, aggregate_id, deadline_ms)
 
     def cancel(self, aggregate_id: str, deadline_ms: int) -> None:
         """Forget a deadline (it fired, or the aggregate no longer needs it)."""
-        key = self._key(deadline_ms, self._partition())
-        entries = self.table.get(key)
-        self._handed.pop((aggregate_id, deadline_ms), None)
-        if not entries or aggregate_id not in entries:
+        key = deadline_key(aggregate_id, deadline_ms)
+        partition = self._partition()
+        # get() rather than ``in``: Faust's RocksDB store remembers the partition of
+        # a key it got, so the delete touches that partition's DB only, not all.
+        if self.table.get(key) is not None:
+            del self.table[key]
+        self.index.removed(partition, key)
+        self._drop_legacy(partition, aggregate_id, deadline_ms)
+
+    def _drop_legacy(self, partition: int, aggregate_id: str, deadline_ms: int) -> None:
+        """Remove the aggregate's entry for ``deadline_ms`` from its old-format bucket, if any."""
+        known = self.index.legacy_keys(partition)
+        if known is not None and not known:
+            return  # this partition holds no old bucket: the common path
+        key = legacy_key(deadline_ms, partition)
+        if known is not None and key not in known:
             return
-        entries = {k: v for k, v in entries.items() if k != aggregate_id}
-        if entries:
-            self.table[key] = entries
+        bucket = self.table.get(key)
+        if not isinstance(bucket, Mapping) or bucket.get(aggregate_id) != deadline_ms:
+            if bucket is None:
+                self.index.legacy_removed(partition, key)
+            return
+        rest = {k: v for k, v in bucket.items() if k != aggregate_id}
+        if rest:
+            self.table[key] = rest
         else:
             del self.table[key]
+            self.index.legacy_removed(partition, key)
 
-    def due_windows(self, at_ms: int) -> Iterator[str]:
-        """Keys of this worker's windows that start at or before ``at_ms``."""
-        for raw in list(self.table.keys()):
-            key = raw.decode() if isinstance(raw, bytes) else raw
-            if int(key.partition(":")[0]) <= at_ms:
-                yield key
+    # -- reads (any time) -------------------------------------------------
+
+    def _source(self) -> KeySource:
+        dbs = rocksdict_partition_dbs(self.table)
+        if dbs is not None:
+            return RdictSource(dbs)
+        return SortedSource.from_items(self.table.items())
 
     def pending(self) -> Iterator[tuple[str, int]]:
-        """Every (aggregate_id, deadline_ms) held for this worker's partitions."""
-        for entries in list(self.table.values()):
-            yield from (entries or {}).items()
+        """Every (aggregate_id, deadline_ms) held for this worker's partitions.
+
+        Partition by partition, in deadline order; then the entries of any
+        old-format bucket not converted yet.
+        """
+        source = self._source()
+        for partition in sorted(source.partitions()):
+            for key in source.keys(partition, NEW_LOW, NEW_HIGH):
+                if is_deadline_key(key):
+                    yield parse_key(key)
+            for key in source.keys(partition, LEGACY_LOW, LEGACY_HIGH):
+                if is_legacy_key(key):
+                    for deadline, aggregate_id in legacy_entries(source.bucket(partition, key)):
+                        yield aggregate_id, deadline
 
     async def close_due(self, at_ms: int | None = None) -> int:
-        """Hand every due deadline of this worker's partitions to ``on_due``."""
-        at = now_ms() if at_ms is None else at_ms
-        clock = time.monotonic()
-        self._forget_stale(clock)
-        handed = 0
-        for key in self.due_windows(at):
-            for aggregate_id, deadline_ms in (self.table.get(key) or {}).items():
-                if deadline_ms > at:
-                    continue
-                last = self._handed.get((aggregate_id, deadline_ms))
-                if last is not None and clock - last < self.redeliver_after:
-                    continue
-                await self.on_due(aggregate_id, deadline_ms)
-                self._handed[(aggregate_id, deadline_ms)] = clock
-                handed += 1
-        return handed
+        """Hand this worker's due deadlines to ``on_due`` in batches; return how many were handed.
 
-    def _forget_stale(self, clock: float) -> None:
-        """Drop hand-over marks of deadlines this worker may no longer own."""
-        if len(self._handed) < 1024:
-            return
-        horizon = clock - 10 * self.redeliver_after
-        self._handed = {k: t for k, t in self._handed.items() if t >= horizon}
+        Hands nothing while the app rebalances or recovers.  If ``on_due``
+        raises, that batch is taken back (handed again next time) and the
+        error propagates.
+        """
+        handed = 0
+        while not getattr(self.app, "rebalancing", False):
+            at = now_ms() if at_ms is None else at_ms
+            source = self._source()
+            self.index.sync(source.partitions(), getattr(self.app, "rebalancing_count", 0))
+            batch = self.index.take(source, at, time.monotonic())
+            if not batch.due:
+                break
+            try:
+                await self.on_due(batch.due)
+            except BaseException:
+                self.index.undo(batch)
+                raise
+            handed += len(batch.due)
+            if len(batch.due) < self.batch_size:
+                break
+        return handed
