@@ -17,7 +17,7 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 
 def _kafka(args: argparse.Namespace, settings: Settings) -> int:
-    from streams import localkafka
+    from streams.devtools import localkafka
 
     kafka = localkafka.from_settings(settings.state_dir, settings.kafka_bootstrap_servers, args.port)
     if args.action == "start":

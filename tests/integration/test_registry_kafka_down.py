@@ -7,7 +7,7 @@ served from memory -> broker restarted on the same log dir -> writes work
 again.  A registry started while its broker is down answers 5xx until the
 broker appears, then loads and serves.
 
-The broker is ``streams.localkafka.LocalKafka`` (what ``paystream kafka``
+The broker is ``streams.devtools.localkafka.LocalKafka`` (what ``paystream kafka``
 runs) on free ports, stopped and restarted by its pid.
 """
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from streams.localkafka import LocalKafka
+from streams.devtools.localkafka import LocalKafka
 from streams.settings import Settings
 from tests.integration.registry_support import RegistryThread, record_schema, registry_settings
 

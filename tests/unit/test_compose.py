@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from streams.localkafka import KAFKA_VERSION
+from streams.devtools.localkafka import KAFKA_VERSION
 from streams.settings import ENVIRONMENT, Settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
