@@ -132,7 +132,7 @@ def encode(schema: dict[str, Any], schema_id: int, record: Mapping[str, Any]) ->
     buffer.write(_HEADER.pack(MAGIC_BYTE, schema_id))
     try:
         schemaless_writer(buffer, schema, record)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
         raise MalformedRecord(f"record does not match schema {schema.get('name')}: {exc}") from exc
     return buffer.getvalue()
 

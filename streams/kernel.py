@@ -70,14 +70,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import weakref
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
-from faust.streams import _current_event
+import httpx
+from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
 from streams import catalog
@@ -85,6 +84,7 @@ from streams.codec import MalformedRecord
 from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
 from streams.envelope import new_event
 from streams.routing import ReplyBook
+from streams.table_io import TableIO, bound_to
 from tables import aggregate
 from tables.aggregate import Call, DeadlineEffect, Decision, Flow, Outcome, Refusal, Step
 from tables.deadlines import Deadlines, now_ms
@@ -108,25 +108,16 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def transient(error: BaseException) -> bool:
-    """Whether ``error`` says "the system is unwell" rather than "this record is wrong"."""
-    return isinstance(error, TRANSIENT_ERRORS) or bool(getattr(error, "retriable", False))
+    """Whether ``error`` says "the system is unwell" rather than "this record is wrong".
 
-
-@contextmanager
-def bound_to(event: EventT) -> Iterator[None]:
-    """Make ``event`` Faust's current event while the block reads or writes tables.
-
-    Faust picks a table write's changelog partition and RocksDB partition from
-    the *current event* (``faust.streams._current_event``, a private context
-    variable; checked against faust-streaming 0.15.3, pinned <0.16 in
-    setup.cfg).  In a batch the current event is whatever the stream saw last,
-    so every table access binds the event of the key it touches.
+    Kafka timeouts and lost connections, a registry that cannot be reached or
+    answers 5xx (a writer schema not cached yet), a service that is down.
     """
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
+    if isinstance(error, (*TRANSIENT_ERRORS, httpx.TransportError)):
+        return True
+    if isinstance(error, SchemaRegistryError):
+        return (error.http_status_code or 0) >= 500 or error.http_status_code in (-1, 408, 429)
+    return bool(getattr(error, "retriable", False))
 
 
 @dataclass(slots=True)
@@ -204,6 +195,7 @@ class Aggregate:
         # (faust-streaming #514: a str key_type would hash JSON-quoted keys).
         self.table = app.Table(flow.name, key_type=bytes, value_type=None,
                                partitions=catalog.EVENT_PARTITIONS, default=None)
+        self.rows = TableIO(app, self.table)
         self.names = {app.settings.topic(name): name for name in flow.topics}
         self.decoder = Decoder(app, self.names)
         self.dead_letter_topic = app.settings.topic(catalog.DEAD_LETTERS)
@@ -224,88 +216,127 @@ class Aggregate:
 
     async def process(self, events: Sequence[EventT]) -> None:
         """Decide, publish, write and answer one batch (see the module docstring)."""
+        now = now_ms()  # one time for the batch and its retries: a retry republishes the same records
         inbound: list[Inbound] = []
-        rejected: list[Outgoing] = []
+        extra: list[Outgoing] = []
+        verdicts: list[tuple[str, Any]] = []
         for event in events:
             try:
-                inbound.append(self._read(event))
-            except (MalformedRecord, UnknownEventType) as exc:
-                rejected.append(self._dead_letter(event, "undecodable", exc))
-            except Refusal as exc:
-                rejected.append(self._dead_letter(event, "rejected", exc))
-        await self._run(inbound, rejected)
+                read = await self._retrying(lambda event=event: self._read(event))
+            except Exception as exc:  # not transient, not a refusal: keep it for a human
+                log.exception("%s: reading %s failed", self.flow.name, event.message.topic)
+                read = self._dead_letter(event, "failed", exc)
+            if isinstance(read, Inbound):
+                inbound.append(read)
+            elif isinstance(read, Outgoing):
+                extra.append(read)
+            else:
+                verdicts.append(read)
+        await self._run(inbound, extra, now, verdicts)
 
-    async def _run(self, inbound: list[Inbound], extra: list[Outgoing]) -> None:
-        attempt = 0
+    async def _retrying(self, attempt: Callable[[], Any]) -> Any:
+        """``attempt()`` until it does not fail transiently (the registry or broker is back)."""
+        tries = 0
         while True:
-            plan = await self._decide(inbound)
-            plan.outgoing[:0] = extra
             try:
+                return attempt()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not transient(exc):
+                    raise
+                tries += 1
+                await self._backoff(tries, exc)
+
+    async def _backoff(self, tries: int, error: BaseException) -> None:
+        delay = min(self.max_backoff, 0.1 * 2 ** min(tries, 6))
+        log.warning("%s: batch held back by a transient failure (%r); retrying in %.1fs",
+                    self.flow.name, error, delay)
+        await asyncio.sleep(delay)
+
+    async def _run(self, inbound: list[Inbound], extra: list[Outgoing], now: int,
+                   verdicts: list[tuple[str, Any]] | None = None) -> None:
+        tries = 0
+        while True:
+            try:
+                plan = await self._decide(inbound, now)
+                plan.outgoing[:0] = extra
                 await self._publish(plan.outgoing)
                 break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 if not transient(exc):
-                    await self._isolate(inbound, extra, exc)
+                    await self._isolate(inbound, extra, now, exc)
                     return
-                attempt += 1
-                delay = min(self.max_backoff, 0.1 * 2 ** min(attempt, 6))
-                log.warning("%s: batch of %d not acknowledged (%r); retrying in %.1fs",
-                            self.flow.name, len(inbound), exc, delay)
-                await asyncio.sleep(delay)
-        self._write(plan)
+                tries += 1
+                await self._backoff(tries, exc)
+        plan.verdicts[:0] = verdicts or []
+        await self._write(plan)
         self._answer(plan)
 
-    async def _isolate(self, inbound: list[Inbound], extra: list[Outgoing], error: BaseException) -> None:
-        """A record the broker refuses for good: find it, dead-letter it, keep the rest."""
+    async def _isolate(self, inbound: list[Inbound], extra: list[Outgoing], now: int,
+                       error: BaseException) -> None:
+        """A record that fails for good outside its decision: find it, dead-letter it, keep the rest."""
         if len(inbound) + len(extra) <= 1:
-            culprit = inbound[0].event if inbound else None
             log.error("%s: record not publishable (%r)", self.flow.name, error)
-            if culprit is not None:
-                await self._run([], [self._dead_letter(culprit, "unpublishable", error)])
+            if inbound:
+                record = inbound[0]
+                if record.input_id in self.replies:
+                    self.replies.fail(record.input_id, error)
+                reason = "unpublishable" if isinstance(error, KafkaError) else "failed"
+                await self._run([], [self._dead_letter(record.event, reason, error)], now)
             return
-        log.warning("%s: batch refused by the broker (%r); retrying one record at a time",
-                    self.flow.name, error)
+        log.warning("%s: batch refused (%r); retrying one record at a time", self.flow.name, error)
         for letter in extra:
-            await self._run([], [letter])
+            await self._run([], [letter], now)
         for record in inbound:
-            await self._run([record], [])
+            await self._run([record], [], now)
 
     # ------------------------------------------------------------------
     # Reading and deciding
 
-    def _read(self, event: EventT) -> Inbound:
+    def _read(self, event: EventT) -> Inbound | Outgoing | tuple[str, Refusal]:
+        """The record as an :class:`Inbound`; else its dead letter, or the refusal its requester gets."""
         message = event.message
-        record = self.decoder.decode(message.topic, event.value)
+        try:
+            record = self.decoder.decode(message.topic, event.value)
+        except (MalformedRecord, UnknownEventType) as exc:
+            return self._dead_letter(event, "undecodable", exc)
         topic = self.names[message.topic]
-        if topic == self.flow.command_topic:
-            body = aggregate.command_message(record, self.flow.key_field)
-            input_id = body.get("command_id")
-            if not isinstance(input_id, str) or not input_id:
-                raise aggregate.Invalid("command without a command_id")
-            cause = {"event_id": input_id, "correlation_id": record.get("correlation_id")}
-            answered = record.get("origin") == "api"
-        else:  # an event (its id is its cause id), or an internal record such as an index update
-            input_id = str(record.get("event_id") or f"{message.topic}/{message.partition}/{message.offset}")
-            body, cause, answered = record, {**record, "event_id": input_id}, False
+        answered = topic == self.flow.command_topic and record.get("origin") == "api"
+        try:
+            if topic == self.flow.command_topic:
+                body = aggregate.command_message(record, self.flow.key_field)
+                input_id = body.get("command_id")
+                if not isinstance(input_id, str) or not input_id:
+                    raise aggregate.Invalid("command without a command_id")
+                cause = {"event_id": input_id, "correlation_id": record.get("correlation_id")}
+            else:  # an event (its id is its cause id), or an internal record such as an index update
+                input_id = str(record.get("event_id")
+                               or f"{message.topic}/{message.partition}/{message.offset}")
+                body, cause = record, {**record, "event_id": input_id}
+            step = self.flow.step(topic, body)
+        except Refusal as refusal:
+            command_id = record.get("command_id")
+            if answered and isinstance(command_id, str):
+                return command_id, refusal  # the requester is told; nothing to keep
+            return self._dead_letter(event, "rejected", refusal)
         key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
-        return Inbound(event, key, topic, body, self.flow.step(topic, body), input_id, cause, answered)
+        return Inbound(event, key, topic, body, step, input_id, cause, answered)
 
     def _slot(self, plan: Plan, record: Inbound) -> Slot:
         slot = plan.slots.get(record.key)
         if slot is None:
-            with bound_to(record.event):
-                stored = self.table.get(record.key)
+            stored = self.rows.get(record.event, record.key)
             row = self.flow.load(stored) if stored is not None else None
             slot = plan.slots[record.key] = Slot(record.event, row, row)
         return slot
 
-    async def _decide(self, inbound: list[Inbound]) -> Plan:
+    async def _decide(self, inbound: list[Inbound], now: int) -> Plan:
         plan = Plan()
         outcomes: dict[str, Outcome] = {}
         pending = inbound
-        now = now_ms()
         for _ in range(8):
             waiting: list[Inbound] = []
             blocked: set[bytes] = set()
@@ -333,9 +364,10 @@ class Aggregate:
     def _decide_one(self, plan: Plan, record: Inbound, now: int,
                     outcomes: Mapping[str, Outcome]) -> list[Call]:
         """Decide ``record`` into ``plan``; return the calls it still needs, if any."""
-        slot = self._slot(plan, record)
         step = record.step
         try:
+            slot = self._slot(plan, record)
+            fired = int(record.message["deadline_ms"]) if step.deadline is DeadlineEffect.FIRE else None
             if step.calls is not None:
                 needed = [c for c in step.calls(slot.row, record.message)
                           if c.idempotency_key not in outcomes]
@@ -352,17 +384,19 @@ class Aggregate:
             else:
                 plan.outgoing.append(self._dead_letter(record.event, "rejected", refusal))
             return []
-        except Exception as exc:  # a bug in a decision or a contract: keep the record
+        except Exception as exc:  # a bug in a decision, a row or a contract: keep the record
             log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id)
             plan.outgoing.append(self._dead_letter(record.event, "failed", exc))
+            if record.input_id in self.replies:
+                plan.verdicts.append((record.input_id, exc))
             return []
         plan.outgoing.extend(records)
         if decision.row is not None and not decision.duplicate:
             slot.row, slot.changed = decision.row, True
         else:
             slot.repair = True
-        if step.deadline is DeadlineEffect.FIRE:
-            slot.fired.add(int(record.message["deadline_ms"]))
+        if fired is not None:
+            slot.fired.add(fired)
         if record.input_id in self.replies:
             reply = decision.reply if decision.reply is not None else (
                 self.flow.view(slot.row) if slot.row is not None else None)
@@ -375,8 +409,9 @@ class Aggregate:
             if emission.topic not in step.emits:
                 raise RuntimeError(f"{step.handler} emitted {emission.topic}, its step declares "
                                    f"{step.emits}")
-            event = new_event(
+            event = new_event(  # not checked here: the encoder below refuses what the contract does
                 emission.topic, emission.payload, producer=self.flow.producer, cause=record.cause,
+                check=False,
                 now_ms=emission.occurred_at if emission.occurred_at is not None else now,
                 event_id=aggregate.derived_id(record.input_id, emission.topic, emission.discriminator),
             )
@@ -435,7 +470,8 @@ class Aggregate:
         acks = [await producer.send(r.topic, r.key, r.value, None, None, r.headers) for r in records]
         await asyncio.gather(*acks)
 
-    def _write(self, plan: Plan) -> None:
+    async def _write(self, plan: Plan) -> None:
+        self.rows.persist_offsets()
         deadline_of = self.flow.deadline_of
         for key, slot in plan.slots.items():
             before = deadline_of(slot.loaded) if deadline_of and slot.loaded is not None else None
@@ -444,9 +480,9 @@ class Aggregate:
             schedule = after is not None and (after != before or slot.repair)
             if not (slot.changed or stale or schedule):
                 continue
+            if slot.changed:
+                await self.rows.put(slot.event, key, self.flow.dump(slot.row))
             with bound_to(slot.event):
-                if slot.changed:
-                    self.table[key] = self.flow.dump(slot.row)
                 if self.deadlines is not None:
                     aggregate_id = key.decode()
                     for deadline in stale:
@@ -456,7 +492,7 @@ class Aggregate:
 
     def _answer(self, plan: Plan) -> None:
         for input_id, verdict in plan.verdicts:
-            if isinstance(verdict, Refusal):
+            if isinstance(verdict, BaseException):
                 self.replies.fail(input_id, verdict)
             else:
                 self.replies.resolve(input_id, verdict)

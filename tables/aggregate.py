@@ -234,15 +234,16 @@ class Flow:
 
     def step(self, topic: str, message: Mapping[str, Any]) -> Step:
         """The step for ``message`` read from ``topic`` (Invalid for an unknown verb)."""
-        name = topic
+        name = given = topic
         if topic == self.command_topic:
-            verb = message.get("command")
-            name = verb if isinstance(verb, str) else ""
+            given = message.get("command")
+            # a verb names a command step only, never an event's (verbs have no dots)
+            name = given if isinstance(given, str) and "." not in given else ""
         for step in self.steps:
             if step.input == name:
                 return step
         known = ", ".join(s.input for s in self.steps if "." not in s.input)
-        raise Invalid(f"{self.name}: unknown command {name!r}; known: {known}")
+        raise Invalid(f"{self.name}: unknown command {given!r}; known: {known}")
 
 
 # --------------------------------------------------------------------------
@@ -254,8 +255,17 @@ ID_NAMESPACE = uuid.UUID("6f1c1a52-4d0e-4f4b-9a55-0d7e8f0c2b11")
 
 
 def derived_id(*parts: object) -> str:
-    """A stable id for something caused by ``parts`` (same parts, same id)."""
-    return str(uuid.uuid5(ID_NAMESPACE, "/".join(str(p) for p in parts)))
+    """A stable id for something caused by ``parts`` (same parts, same id).
+
+    Each part is escaped before the parts are joined, so parts a client chose
+    (a user id, an Idempotency-Key) can never be re-cut into another tuple
+    with the same id (``("a/b", "c")`` and ``("a", "b/c")`` differ).
+    """
+    return str(uuid.uuid5(ID_NAMESPACE, "/".join(_escaped(p) for p in parts)))
+
+
+def _escaped(part: object) -> str:
+    return str(part).replace("\\", "\\\\").replace("/", "\\/")
 
 
 def command(

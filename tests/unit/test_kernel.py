@@ -838,8 +838,6 @@ class FlakyRegistry:
         return Schema(json.dumps(self.schema), "AVRO")
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug: a transient registry failure while decoding a record "
-                   "(a writer schema id not cached yet) escapes process() instead of retrying the batch")
 async def test_a_registry_outage_while_decoding_retries_the_batch() -> None:
     registry = FlakyRegistry(schema_dict(CREDITS), failures=1)
     app = FakeApp(registry=registry)
@@ -862,8 +860,6 @@ async def test_a_command_without_a_command_id_is_dead_lettered(rig: Rig) -> None
     assert rig.table.writes == []
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug: an origin=api command refused while it is read "
-                   "(unknown verb, reserved argument) is dead-lettered and its waiter never answered")
 async def test_an_api_command_refused_while_read_is_answered_not_dead_lettered(rig: Rig) -> None:
     body = aggregate.command("frobnicate", "user_id", "u1", cause=None, now_ms=1, command_id="c-api",
                              origin="api")
@@ -969,8 +965,6 @@ async def test_an_early_or_stale_hand_over_keeps_the_rows_deadline(rig: Rig) -> 
     assert rig.row("u1")["deadline"] == later
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug: Aggregate._decide_one reads a FIRE record's "
-                   "deadline_ms outside its try, so a hand-over without one escapes process()")
 async def test_a_fire_command_without_deadline_ms_is_dead_lettered_alone(rig: Rig) -> None:
     await rig.kernel.process([command("tick", "u1"), command("add", "u2", amount=1)])
     [letter] = rig.app.dead_letters()
@@ -1087,8 +1081,6 @@ async def test_a_call_is_repeated_under_the_same_key_when_the_batch_is_retried()
     assert rig.row("u1")["charges"] == ["ch-u1-5"]
 
 
-@pytest.mark.xfail(strict=True, reason="kernel bug: Aggregate._run calls _decide outside its retry "
-                   "loop's try, so a transient service failure escapes process() instead of retrying")
 async def test_a_transient_call_failure_retries_the_batch() -> None:
     bank = Bank(fail_times=1)
     rig = make_rig(services={"bank": bank})
