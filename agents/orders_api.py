@@ -10,6 +10,8 @@ verdict the handler awaits.  What a client gets:
 - 400 ``invalid`` / ``bad_request``, 404 ``not_found``, 409
   ``illegal_transition``, 422 ``idempotency_key_reused``: the domain's
   refusals, and only those;
+- 500 ``failed`` with the ``command_id`` when the command failed for good
+  (a bug, a record Kafka refuses): it is in the dead-letter topic;
 - 503 ``unavailable`` with ``Retry-After`` while no worker serves the key
   (start-up, a rebalance, an owner that died) or Kafka does not take the
   command; 504 ``timeout`` with the ``command_id`` when the aggregate did not
@@ -141,6 +143,9 @@ class OrderApi:
             return _error(504, "timeout", "the order aggregate did not answer in time; the command "
                           "may still be applied: retry with the same Idempotency-Key",
                           command_id=command_id)
+        except Exception as exc:  # the command failed for good: it is in the dead letters
+            return _error(500, "failed", f"the command failed ({type(exc).__name__}) and was "
+                          "dead-lettered for an operator", command_id=command_id)
         if view is None:
             return _error(404, "not_found", f"order {record['order_id']} does not exist")
         return web.json_response(view, status=success)
