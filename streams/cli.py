@@ -68,15 +68,22 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
-    from streams import bench
+    if args.target == "codec":
+        from streams.devtools.bench.codec import run_codec
 
-    if args.target == "orders":
-        return bench.run(
-            "orders", settings, count=args.count or 2000, table_orders=args.table_orders,
-            deadlines=args.deadlines, concurrency=args.concurrency, deadline_span=args.deadline_span,
-            expiry_window=args.expiry_window, parts=[int(p) for p in args.parts.split(",") if p],
-        )
-    return bench.run(args.target, settings, count=args.count or 100_000)
+        return run_codec(settings, args.count or 100_000)
+    from streams.devtools.bench.orders import QUICK, OrdersOptions, parse_parts, run_orders
+
+    try:
+        parts = parse_parts(args.parts)
+    except ValueError as exc:
+        print(f"paystream bench: {exc}", file=sys.stderr)
+        return 2
+    chosen = {name: getattr(args, name) for name in (
+        "duration", "warmup", "concurrency", "raw_client", "burst", "burst_span", "deadlines",
+        "deadline_span", "expiry_window", "table_orders", "kills") if getattr(args, name) is not None}
+    options = OrdersOptions(parts=parts, **{**(QUICK if args.quick else {}), **chosen})
+    return run_orders(settings, options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,22 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(handler=_worker)
 
-    bench = commands.add_parser("bench", help="measure a path against a raw-client baseline")
+    bench = commands.add_parser(
+        "bench", help="measure a path against raw-client baselines in the same run",
+        description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
+                    "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
+                    "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
     bench.add_argument("target", choices=["codec", "orders"])
-    bench.add_argument("-n", "--count", type=int, default=None,
-                       help="codec: records (default 100000); orders: order lifecycles (default 2000)")
-    bench.add_argument("--concurrency", type=int, default=200, help="orders: orders in flight")
-    bench.add_argument("--table-orders", type=int, default=1_000_000,
-                       help="orders: rows in the orders table for the RSS part")
-    bench.add_argument("--deadlines", type=int, default=100_000,
-                       help="orders: pending deadlines for the expiry part")
-    bench.add_argument("--deadline-span", type=float, default=1800.0,
-                       help="orders: seconds the pending deadlines are spread over (default: 30 min, "
-                            "the payment window)")
-    bench.add_argument("--expiry-window", type=float, default=30.0,
-                       help="orders: expiry lag is measured on the deadlines due in the first this "
-                            "many seconds (>= --deadline-span measures all of them)")
-    bench.add_argument("--parts", default="1,2,3,4", help="orders: which parts to run, e.g. 1,2")
+    bench.add_argument("-n", "--count", type=int, default=None, help="codec: records (default 100000)")
+    bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
+                       help="orders: parts to run, by name or number (default: all four)")
+    bench.add_argument("--quick", action="store_true",
+                       help="orders: a smoke run of a few seconds per part (explicit flags still win)")
+    bench.add_argument("--duration", type=float, help="lifecycle: measured seconds (default 30)")
+    bench.add_argument("--warmup", type=float, help="lifecycle: warm-up seconds (default 10)")
+    bench.add_argument("--concurrency", type=int, help="lifecycle: lifecycles in flight (default 200)")
+    bench.add_argument("--raw-client", choices=["aiokafka", "confluent"],
+                       help="lifecycle: client of the raw loops (default aiokafka, the worker's client)")
+    bench.add_argument("--burst", type=int, help="deadlines: deadlines due together (default 10000)")
+    bench.add_argument("--burst-span", type=float,
+                       help="deadlines: seconds the burst falls due in (default 5)")
+    bench.add_argument("--deadlines", type=int,
+                       help="deadlines: pending deadlines of the spread run (default 100000)")
+    bench.add_argument("--deadline-span", type=float,
+                       help="deadlines: seconds the pending deadlines are spread over (default 1800)")
+    bench.add_argument("--expiry-window", type=float,
+                       help="deadlines: the spread run's lag is measured on the deadlines due in the first "
+                            "this many seconds (default 30)")
+    bench.add_argument("--table-orders", type=int, help="memory: orders the worker holds (default 1000000)")
+    bench.add_argument("--kills", type=int, help="failover: SIGKILL + restart rounds (default 3)")
     bench.set_defaults(handler=_bench)
     return parser
 
