@@ -7,13 +7,14 @@ lost across a restart or a rebalance.  Here a deadline is a plain entry of a
 changelog-backed table.
 
 Layout.  Key = the deadline as 8 bytes big-endian epoch ms, then the
-aggregate id in UTF-8; value = the partition number (a JSON int, 1-2 bytes).
+aggregate id in UTF-8; value = the partition number in ASCII digits (1-2
+bytes, raw: no JSON encoding on the write path).
 The entry is written while the owning agent processes an event of the
 aggregate (Faust's *current event*), so it lives in the aggregate's partition,
 moves with it on a rebalance and is restored from the changelog with it.
 Scheduling or cancelling writes one changelog record of about fifty bytes
-(never more than :data:`MAX_AGGREGATE_ID_BYTES` + 11), however many deadlines
-are pending: no record ever grows with the index.
+(key and value together at most :data:`MAX_AGGREGATE_ID_BYTES` + 8 + a few
+digits), however many deadlines are pending: no record grows with the index.
 
 Hand-over.  RocksDB keeps each partition's keys sorted, and big-endian
 milliseconds sort by time, so the due deadlines of a partition are a prefix of
@@ -47,13 +48,16 @@ The old bucketed format.  Earlier versions kept ``"<window start ms,
 15 digits>:<partition>" -> {aggregate_id: deadline_ms}`` in the same table
 (windows of 5000 ms).  Those ASCII keys start with a digit (0x30-0x39) and
 new keys with 0x00 (any deadline below 2**56 ms, some two million years), so
-old buckets sort after every new key.  The first time the timer reads a partition it owns, it
-lists that partition's old buckets and hands *all* their entries over once
-(due or not); the owning agent re-checks each: a due one expires and is
-cancelled, a not-yet-due one is scheduled again.  :meth:`Deadlines.schedule`
-and :meth:`Deadlines.cancel` remove the aggregate from the old bucket of
-that window (deleting the bucket when it empties) while a partition may still
-hold old buckets; once a partition is known to hold none this costs nothing.
+old buckets sort after every new key.  The first time the timer reads, or a
+write touches, a partition this worker was assigned, the partition's old
+buckets are listed (one seek).  The timer then hands *all* their entries over
+once per assignment to this process (due or not), in batches; the owning
+agent re-checks each: a due one expires and is cancelled, a not-yet-due one
+is scheduled again.
+:meth:`Deadlines.schedule` and :meth:`Deadlines.cancel` remove the
+aggregate's entry of that deadline from the old bucket of its window (deleting
+the bucket when it empties) while the partition still holds old buckets; once
+a partition is known to hold none, this costs a dictionary lookup.
 
 The access to the RocksDB store's partition databases is Faust-private; it
 is isolated in :func:`rocksdict_partition_dbs`.  Any other store (the
@@ -171,7 +175,28 @@ def is_legacy_key(key: bytes) -> bool:
     return _LEGACY_KEY.fullmatch(key) is not None
 
 
-def legacy_entries(bucket: Any) -> list[tuple[int, str]]:
+def decode_bucket(raw: bytes | None) -> Mapping[str, Any] | None:
+    """An old bucket's value (JSON ``{aggregate_id: deadline_ms}``), or None if absent or not one."""
+    if raw is None:
+        return None
+    try:
+        bucket = json.loads(raw)
+    except ValueError:
+        return None
+    return bucket if isinstance(bucket, dict) else None
+
+
+def encode_bucket(bucket: Mapping[str, int]) -> bytes:
+    """An old bucket's value, as the old JSON serializer would have stored it."""
+    return json.dumps(dict(bucket), separators=(",", ":")).encode()
+
+
+def partition_value(partition: int) -> bytes:
+    """The value of a current-format entry: its partition in ASCII digits."""
+    return str(partition).encode()
+
+
+def legacy_entries(bucket: Mapping[str, Any] | None) -> list[tuple[int, str]]:
     """The ``(deadline_ms, aggregate_id)`` of an old bucket value, sorted; malformed ones left out."""
     if not isinstance(bucket, Mapping):
         return []
@@ -226,32 +251,33 @@ class RdictSource:
         return self._dbs[partition].get(key) is not None
 
     def bucket(self, partition: int, key: bytes) -> Any:
-        raw = self._dbs[partition].get(key)
-        return None if raw is None else json.loads(raw)
+        return decode_bucket(self._dbs[partition].get(key))
 
 
 class SortedSource:
     """Any store, read through the table and sorted per partition (the ``memory://`` fallback).
 
     The partition of a current-format entry is its value; an old bucket names
-    its partition in its key.  Other keys are ignored.
+    its partition in its key.  Other keys are ignored.  Values are the raw
+    bytes the table stores.
     """
 
-    def __init__(self, entries: Iterable[tuple[int, bytes, Any]]) -> None:
-        self._values: dict[int, dict[bytes, Any]] = {}
+    def __init__(self, entries: Iterable[tuple[int, bytes, bytes]]) -> None:
+        self._values: dict[int, dict[bytes, bytes]] = {}
         for partition, key, value in entries:
             self._values.setdefault(partition, {})[key] = value
         self._sorted = {p: sorted(values) for p, values in self._values.items()}
 
     @classmethod
     def from_items(cls, items: Iterable[tuple[Any, Any]]) -> SortedSource:
-        """From a table's ``items()`` (keys as bytes, values decoded)."""
-        def entries() -> Iterator[tuple[int, bytes, Any]]:
+        """From a table's ``items()`` (raw bytes keys and values)."""
+        def entries() -> Iterator[tuple[int, bytes, bytes]]:
             for key, value in items:
-                if not isinstance(key, bytes):
+                if not isinstance(key, bytes) or not isinstance(value, bytes):
                     continue
-                if is_deadline_key(key) and isinstance(value, int) and not isinstance(value, bool):
-                    yield value, key, value
+                if is_deadline_key(key):
+                    if value.isdigit():
+                        yield int(value), key, value
                     continue
                 match = _LEGACY_KEY.fullmatch(key)
                 if match is not None:
@@ -269,7 +295,7 @@ class SortedSource:
         return key in self._values.get(partition, {})
 
     def bucket(self, partition: int, key: bytes) -> Any:
-        return self._values.get(partition, {}).get(key)
+        return decode_bucket(self._values.get(partition, {}).get(key))
 
 
 def rocksdict_partition_dbs(table: Any) -> dict[int, Any] | None:
@@ -432,7 +458,7 @@ class DueIndex:
                 if stamp > horizon:
                     break
                 if not source.has(partition, key):
-                    del marks[key]  # cancelled behind our back (e.g. before a restart of the mark)
+                    del marks[key]  # gone without a cancel through this index: forget it
                     continue
                 marks.move_to_end(key)
                 marks[key] = clock
@@ -470,18 +496,25 @@ class DueIndex:
                 batch.cursors_before[partition] = self._cursors.get(partition)
             self._cursors[partition] = max(self._cursors.get(partition, NEW_LOW), bound)
 
+    def list_legacy(self, source: KeySource, partition: int) -> set[bytes]:
+        """List the old buckets of ``partition`` (once per assignment); plan their hand-over once."""
+        known = self._legacy_keys.get(partition)
+        if known is not None:
+            return known
+        found = [k for k in source.keys(partition, LEGACY_LOW, LEGACY_HIGH) if is_legacy_key(k)]
+        known = self._legacy_keys[partition] = set(found)
+        if found and partition not in self._legacy_started:
+            self._legacy_started.add(partition)
+            self._legacy_todo[partition] = _LegacyProgress(tuple(found))
+            logger.info(
+                "%s: partition %d holds %d buckets of the old format: "
+                "handing their entries over once to convert them", self.name, partition, len(found),
+            )
+        return known
+
     def _take_legacy(self, batch: Batch, source: KeySource, partitions: list[int]) -> None:
         for partition in partitions:
-            if partition not in self._legacy_keys:
-                found = [k for k in source.keys(partition, LEGACY_LOW, LEGACY_HIGH) if is_legacy_key(k)]
-                self._legacy_keys[partition] = set(found)
-                if found and partition not in self._legacy_started:
-                    self._legacy_started.add(partition)
-                    self._legacy_todo[partition] = _LegacyProgress(tuple(found))
-                    logger.info(
-                        "%s: partition %d holds %d buckets of the old format: "
-                        "handing their entries over once to convert them", self.name, partition, len(found),
-                    )
+            self.list_legacy(source, partition)
             progress = self._legacy_todo.get(partition)
             while progress is not None and self._room(batch) > 0:
                 if partition not in batch.legacy_before:
@@ -555,10 +588,11 @@ class Deadlines:
         self.on_due = on_due
         self.batch_size = batch_size
         self.redeliver_after = redeliver_after
-        # bytes keys: the raw serializer, as on the topics (faust-streaming #514);
-        # values are JSON: the partition number (an old bucket: {aggregate_id: deadline_ms}).
+        # bytes keys: the raw serializer, as on the topics (faust-streaming #514).
+        # bytes values: the partition in digits (what JSON made of an int before),
+        # an old bucket its JSON bytes; raw spares two JSON encodings per schedule.
         self.table = app.Table(
-            name, key_type=bytes, value_type=None, partitions=partitions, default=None,
+            name, key_type=bytes, value_type=bytes, partitions=partitions, default=None,
             extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIGS),
         )
         self.index = DueIndex(redeliver_after=redeliver_after, batch_size=batch_size, name=name)
@@ -591,7 +625,7 @@ class Deadlines:
         """
         key = deadline_key(aggregate_id, deadline_ms)
         partition = self._partition()
-        self.table[key] = partition
+        self.table[key] = partition_value(partition)
         self.index.written(partition, key)
         self._drop_legacy(partition, aggregate_id, deadline_ms)
 
@@ -609,19 +643,25 @@ class Deadlines:
     def _drop_legacy(self, partition: int, aggregate_id: str, deadline_ms: int) -> None:
         """Remove the aggregate's entry for ``deadline_ms`` from its old-format bucket, if any."""
         known = self.index.legacy_keys(partition)
+        if known is None:  # first write in this partition since it was assigned: list it once
+            source = self._source()
+            if partition in source.partitions():
+                known = self.index.list_legacy(source, partition)
         if known is not None and not known:
             return  # this partition holds no old bucket: the common path
         key = legacy_key(deadline_ms, partition)
         if known is not None and key not in known:
             return
-        bucket = self.table.get(key)
-        if not isinstance(bucket, Mapping) or bucket.get(aggregate_id) != deadline_ms:
-            if bucket is None:
-                self.index.legacy_removed(partition, key)
+        raw = self.table.get(key)
+        if raw is None:
+            self.index.legacy_removed(partition, key)
+            return
+        bucket = decode_bucket(raw)
+        if bucket is None or bucket.get(aggregate_id) != deadline_ms:
             return
         rest = {k: v for k, v in bucket.items() if k != aggregate_id}
         if rest:
-            self.table[key] = rest
+            self.table[key] = encode_bucket(rest)
         else:
             del self.table[key]
             self.index.legacy_removed(partition, key)

@@ -32,11 +32,14 @@ from tables.deadlines import (
     RdictSource,
     SortedSource,
     deadline_key,
+    decode_bucket,
     due_bound,
+    encode_bucket,
     is_deadline_key,
     is_legacy_key,
     legacy_key,
     parse_key,
+    partition_value,
 )
 
 # ----------------------------------------------------------------------
@@ -108,6 +111,15 @@ def test_legacy_key_is_the_old_format() -> None:
     assert not is_legacy_key(b"1700000005000:3")
 
 
+def test_values_read_like_what_the_old_json_serializer_wrote() -> None:
+    app = faust.App("t-deadlines-codec", broker="kafka://localhost:9092", store="memory://")
+    old_json = app.serializers.dumps_value(None, {"o-1": 1_000, "o-2": 1_001}, serializer="json")
+    assert decode_bucket(old_json) == {"o-1": 1_000, "o-2": 1_001}
+    assert decode_bucket(encode_bucket({"o-1": 1_000})) == {"o-1": 1_000}
+    assert decode_bucket(b"3") is None and decode_bucket(b"not json") is None and decode_bucket(None) is None
+    assert partition_value(13) == app.serializers.dumps_value(None, 13, serializer="json") == b"13"
+
+
 # ----------------------------------------------------------------------
 # The pure index over a sorted in-memory source
 
@@ -120,7 +132,7 @@ class Partitions:
 
     def add(self, partition: int, aggregate_id: str, deadline_ms: int) -> bytes:
         key = deadline_key(aggregate_id, deadline_ms)
-        self.data.setdefault(partition, {})[key] = partition
+        self.data.setdefault(partition, {})[key] = str(partition).encode()
         return key
 
     def remove(self, partition: int, aggregate_id: str, deadline_ms: int) -> bytes:
@@ -129,7 +141,7 @@ class Partitions:
         return key
 
     def bucket(self, partition: int, key: bytes, entries: Mapping[str, int]) -> None:
-        self.data.setdefault(partition, {})[key] = dict(entries)
+        self.data.setdefault(partition, {})[key] = encode_bucket(entries)
 
     def source(self) -> SortedSource:
         return SortedSource((p, k, v) for p, kv in self.data.items() for k, v in kv.items())
@@ -373,7 +385,7 @@ class Harness:
                 elif op["op"] == "cancel":
                     self.deadlines.cancel(op["id"], op["deadline"])
                 elif op["op"] == "put":  # a raw table write (an old-format bucket)
-                    self.deadlines.table[op["key"].encode()] = op["value"]
+                    self.deadlines.table[op["key"].encode()] = encode_bucket(op["value"])
                 elif op["op"] == "delete":
                     del self.deadlines.table[op["key"].encode()]
 
@@ -395,10 +407,10 @@ async def test_schedule_and_cancel_write_one_small_key_each(tmp_path: Path) -> N
     async with h.owner.test_context() as agent:
         await agent.put({"op": "schedule", "id": "o-1", "deadline": 1_000}, partition=2)
         await agent.put({"op": "schedule", "id": "o-2", "deadline": 2_000}, partition=3)
-        assert h.store == {deadline_key("o-1", 1_000): 2, deadline_key("o-2", 2_000): 3}
+        assert h.store == {deadline_key("o-1", 1_000): b"2", deadline_key("o-2", 2_000): b"3"}
         await agent.put({"op": "cancel", "id": "o-1", "deadline": 1_000}, partition=2)
         await agent.put({"op": "cancel", "id": "never", "deadline": 5}, partition=2)  # absent: fine
-    assert h.store == {deadline_key("o-2", 2_000): 3}
+    assert h.store == {deadline_key("o-2", 2_000): b"3"}
     assert sorted(h.deadlines.pending()) == [("o-2", 2_000)]
 
 
@@ -470,7 +482,7 @@ async def test_a_rebalance_through_the_app_forgets_lost_partitions(tmp_path: Pat
     assert await h.deadlines.close_due(at_ms=10) == 0
     assert 1 not in h.deadlines.index.owned
     # ...and restores them from the changelog when the partition comes back
-    h.store[moved_key] = 1
+    h.store[moved_key] = b"1"
     h.app.rebalancing_count += 1
     assert await h.deadlines.close_due(at_ms=10) == 1
     assert h.handed[-1] == [("moved", 2)]  # at once; "kept" is not handed twice
@@ -494,11 +506,11 @@ async def test_old_buckets_are_converted(tmp_path: Path) -> None:
         # what the owning agents do: expire (cancel) the due ones, re-assert the later one
         for aggregate_id, deadline in [("n", 500), ("a", 1_000), ("b", 1_001)]:
             await agent.put({"op": "cancel", "id": aggregate_id, "deadline": deadline}, partition=2)
-        assert h.store[later_bucket] == {"c": 90_000}
+        assert decode_bucket(h.store[later_bucket]) == {"c": 90_000}
         assert due_bucket not in h.store  # emptied: deleted
         await agent.put({"op": "schedule", "id": "c", "deadline": 90_000}, partition=2)
         assert later_bucket not in h.store
-        assert h.store == {deadline_key("c", 90_000): 2}
+        assert h.store == {deadline_key("c", 90_000): b"2"}
         assert h.deadlines.index.legacy_keys(2) == set()
 
     assert await h.deadlines.close_due(at_ms=89_999) == 0
@@ -515,7 +527,7 @@ async def test_cancel_converts_an_old_bucket_before_the_timer_listed_it(tmp_path
         assert h.deadlines.index.legacy_keys(1) is None
         await agent.put({"op": "cancel", "id": "x", "deadline": 7_000}, partition=1)
         await agent.put({"op": "cancel", "id": "y", "deadline": 9_999}, partition=1)  # other deadline: kept
-        assert h.store[bucket] == {"y": 7_001}
+        assert decode_bucket(h.store[bucket]) == {"y": 7_001}
         await agent.put({"op": "cancel", "id": "y", "deadline": 7_001}, partition=1)
         assert h.store == {}
 
@@ -531,7 +543,7 @@ async def test_once_no_old_bucket_is_left_cancel_does_not_look_for_one(tmp_path:
         bucket = legacy_key(7_000, 1)
         await agent.put({"op": "put", "key": bucket.decode(), "value": {"x": 7_000}}, partition=1)
         await agent.put({"op": "cancel", "id": "x", "deadline": 7_000}, partition=1)
-        assert h.store == {bucket: {"x": 7_000}}
+        assert h.store == {bucket: encode_bucket({"x": 7_000})}
 
 
 # ----------------------------------------------------------------------
