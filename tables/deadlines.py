@@ -39,8 +39,10 @@ This module never decides anything itself; an entry leaves the index only
 through :meth:`Deadlines.cancel`.
 
 Changelog.  Compacted, with small segments and a low dirty ratio
-(:data:`CHANGELOG_TOPIC_CONFIGS`) so the tombstones of fired deadlines are
-cleaned within hours.  Faust creates the changelog topic with these configs;
+(:data:`CHANGELOG_TOPIC_CONFIGS`): a segment becomes cleanable once rolled
+(after an hour or 64 MiB), the cleaner then removes fired deadlines, and their
+tombstones an hour after that, instead of the broker defaults (a week, 1 GiB,
+50 % dirty, a day).  Faust creates the changelog topic with these configs;
 it never alters an existing topic, so a changelog created by an older version
 keeps its configs until an operator alters them (``kafka-configs --alter``).
 
@@ -88,7 +90,8 @@ from streams import catalog
 
 logger = logging.getLogger(__name__)
 
-#: ``on_due(batch)``: a batch of due ``(aggregate_id, deadline_ms)``, in deadline order.
+#: ``on_due(batch)``: due ``(aggregate_id, deadline_ms)`` pairs: repeats first, then the
+#: newly due in deadline order, then entries of old-format buckets.
 OnDue = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
 
 #: Topic configs of the changelog: compacted, segments rolled hourly or at
