@@ -121,6 +121,7 @@ def drive(spec: DriverSpec) -> dict[str, Any]:
     end_to_end: list[float] = []
     hops: dict[str, list[float]] = {"create": [], "intent": [], "payment": []}
     last_output = time.perf_counter()
+    cpu = time.process_time()
     try:
         while True:
             now = time.perf_counter()
@@ -204,6 +205,7 @@ def drive(spec: DriverSpec) -> dict[str, Any]:
         "inputs_total": sum(sent.values()),
         "lifecycles_total": index,
         "duplicates": duplicates,
+        "cpu_s": time.process_time() - cpu,
     }
 
 

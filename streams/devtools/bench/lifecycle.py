@@ -29,6 +29,7 @@ from streams.devtools.bench.common import (
     BenchRun,
     Prober,
     Stalled,
+    cpu_seconds,
     create_part_topics,
     end_offsets,
     latency_line,
@@ -129,15 +130,17 @@ def run_ours(run: BenchRun, options: LifecycleOptions) -> Side:
         print(f"  ours: worker pid {worker.pid} serving after {ready:.1f} s; driving", flush=True)
         topics = topics_with_prefix(settings)
         before = end_offsets(settings, topics)
+        cpu = cpu_seconds(worker.pid)
         driver = _drive(settings, options)
         after = wait_caught_up(settings, worker, timeout=300)
+        cpu = cpu_seconds(worker.pid) - cpu
         rss, peak = worker.rss_kib()
         worker.assert_running()
     finally:
         if worker is not None:
             worker.stop()
     return Side("ours", "ours (paystream worker)", driver, _produced(settings, before, after, driver),
-                {"rss_kib": rss, "peak_kib": peak})
+                {"rss_kib": rss, "peak_kib": peak, "cpu_s": cpu})
 
 
 def run_raw(run: BenchRun, options: LifecycleOptions, *, state: bool,
@@ -167,8 +170,10 @@ def run_raw(run: BenchRun, options: LifecycleOptions, *, state: bool,
         print(f"  {name}: loop pid {child.pid} ({options.raw_client}) assigned; driving", flush=True)
         topics = topics_with_prefix(settings)
         before = end_offsets(settings, topics)
+        cpu = cpu_seconds(child.pid)
         driver = _drive(settings, options)
         after = wait_quiet(settings, topics)
+        cpu = cpu_seconds(child.pid) - cpu
         stop.set()
         if not receive.poll(60):
             raise Stalled(f"{name} loop did not stop within 60 s")
@@ -182,7 +187,7 @@ def run_raw(run: BenchRun, options: LifecycleOptions, *, state: bool,
             child.kill()
             child.join(10)
     label = f"raw-with-state ({options.raw_client})" if state else f"raw-without-state ({options.raw_client})"
-    return Side(name, label, driver, _produced(settings, before, after, driver), summary)
+    return Side(name, label, driver, _produced(settings, before, after, driver), {**summary, "cpu_s": cpu})
 
 
 def run_lifecycle(run: BenchRun, options: LifecycleOptions) -> list[Side]:
@@ -245,6 +250,10 @@ def report(sides: list[Side], options: LifecycleOptions, commit_interval: float)
         per_input = ", ".join(f"{topic} {count / max(d['inputs_total'], 1):.2f}"
                               for topic, count in sorted(side.produced.items()))
         print(f"    records produced per input: {side.records_per_input:.2f} = {per_input or '-'}")
+        inputs = max(d["inputs_total"], 1)
+        print(f"    CPU while driven: {side.extra['cpu_s']:.1f} s in the side's process "
+              f"({1e6 * side.extra['cpu_s'] / inputs:,.0f} us per input), {d['cpu_s']:.1f} s in the driver "
+              f"({1e6 * d['cpu_s'] / inputs:,.0f} us per input) for {inputs:,} inputs")
         if "rss_kib" in side.extra:
             print(f"    worker RSS at the end {side.extra['rss_kib'] / 1024:.0f} MiB "
                   f"(peak {side.extra['peak_kib'] / 1024:.0f} MiB)")
