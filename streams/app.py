@@ -170,6 +170,8 @@ class PaystreamApp(faust.App):
         recovery = self.tables.recovery
         progress = self._recovery_progress
         at = time.monotonic()
+        if getattr(recovery, "bulk_loading", False):
+            return  # the bulk loader says how it goes itself
         if recovery.in_recovery:
             remaining = recovery.active_remaining_total()
             if progress is None:
@@ -203,6 +205,7 @@ def create_app(
     options: dict[str, Any] = {
         "broker": settings.kafka_url,
         "store": storage.register(),
+        "TableManager": storage.BulkLoadingTableManager,
         "datadir": str(settings.state_dir / "worker"),
         "web_host": settings.worker_web_host,
         "web_bind": settings.worker_web_host,
@@ -259,6 +262,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
 
     At ``--loglevel debug`` nothing is quieted.
     """
+    storage.limit_malloc_arenas()  # before any thread starts: keeps RSS near the budget
     worker_app = create_app(settings)
     verbose = logging.getLevelName(loglevel.upper()) == logging.DEBUG
     worker = faust.Worker(worker_app, loglevel=loglevel,
@@ -349,6 +353,7 @@ def __getattr__(name: str) -> Any:
     build a second app from the environment.
     """
     if name == "app":
+        storage.limit_malloc_arenas()
         globals()["app"] = built = create_app()
         return built
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -17,20 +17,38 @@ offsets, same changelog recovery), registered under :data:`STORE_URL`.
 The database files live in the worker's state directory and survive a
 restart: Faust keeps the last applied changelog offset inside each partition
 database, so a warm restart replays only the changelog written since.
+
+Cold recovery (a new worker, a lost disk, a partition moved here) does not go
+through Faust's per-record recovery path, which applies a few thousand
+records per second: when a newly assigned partition is more than
+:data:`BOOTSTRAP_MIN_RECORDS` behind its changelog, :class:`ChangelogLoader`
+reads the changelog partition with a plain confluent-kafka consumer and
+writes it in large RocksDB write batches, storing the applied offset the way
+Faust does.  Faust's recovery then starts from that offset and replays only
+what was written meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
 import logging
 import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import rocksdict
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from faust import stores
 from faust.exceptions import ImproperlyConfigured
 from faust.stores import rocksdb as faust_rocksdb
+from faust.tables.manager import TableManager
+from faust.tables.recovery import Recovery
+from faust.types import TP
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +64,15 @@ DEFAULT_MEMORY_MB = 64
 MAX_OPEN_FILES = 256
 #: Bits per key of the bloom filters (about 1 % false positives).
 BLOOM_BITS_PER_KEY = 10
+#: A partition this many records (or more) behind its changelog is loaded by
+#: :class:`ChangelogLoader`; a shorter tail is left to Faust's recovery.
+BOOTSTRAP_MIN_RECORDS = 5_000
+#: Records per RocksDB write batch while bootstrapping.
+BOOTSTRAP_BATCH = 10_000
+#: Share of Faust's ``broker_request_timeout`` one bulk load may take.
+BULK_LOAD_SHARE = 0.75
+#: Seconds between two bootstrap progress lines.
+PROGRESS_EVERY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -191,6 +218,280 @@ class BoundedRocksDBStore(faust_rocksdb.Store):
         self.rocksdb_options = BoundedRocksDBOptions(memory_budget(), **options)
 
 
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    A bulk load allocates and frees a few hundred MiB of small objects (fetched
+    records, write batches) in a worker thread; glibc keeps such memory in
+    the process unless asked, which would show as RSS for good.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def limit_malloc_arenas(arenas: int = 2) -> None:
+    """Cap glibc's per-thread malloc arenas (``MALLOC_ARENA_MAX``); call before threads start.
+
+    RocksDB, librdkafka and the executor threads each get an arena of their
+    own by default (up to 8 per core), and memory freed in one arena is not
+    reused by another: on this workload that alone is ~50 MiB of RSS.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_ARENA_MAX = -8  # glibc's malloc.h
+
+
+def bootstrap_servers(app: Any) -> str:
+    """The broker list of a Faust app, as confluent-kafka wants it."""
+    settings = getattr(app, "settings", None)
+    if settings is not None and hasattr(settings, "kafka_bootstrap_servers"):
+        return str(settings.kafka_bootstrap_servers)
+    return ",".join(f"{url.host}:{url.port or 9092}" for url in app.conf.broker)
+
+
+class ChangelogLoader:
+    """Loads changelog partitions of one table into its RocksDB databases in bulk.
+
+    For each partition: from the offset after the one Faust persisted (or the
+    log start) up to the end of the partition as it was when we looked,
+    records are applied in order, up to ``BOOTSTRAP_BATCH`` at a time in one
+    write batch per partition, and the offset of the last record applied is
+    persisted after each batch, exactly as Faust's ``apply_changelog_batch``
+    does.  Stopping at any point (a new rebalance, a worker stop, a crash)
+    therefore loses nothing: whoever recovers next starts from the persisted
+    offset.  A tombstone (null value) deletes the key.
+
+    Used as ``start`` once, ``step`` until it returns True, ``close``; the
+    blocking calls run in a worker thread (see :class:`BulkLoadingRecovery`).
+    """
+
+    def __init__(self, servers: str, table: str, *, db_for: Callable[[int], Any],
+                 persisted_offset: Callable[[TP], int | None],
+                 set_persisted_offset: Callable[[TP, int], None],
+                 keep_going: Callable[[], bool] = lambda: True,
+                 min_records: int = BOOTSTRAP_MIN_RECORDS, batch: int = BOOTSTRAP_BATCH) -> None:
+        self.servers = servers
+        self.table = table
+        self.db_for = db_for
+        self.persisted_offset = persisted_offset
+        self.set_persisted_offset = set_persisted_offset
+        self.keep_going = keep_going
+        self.min_records = min_records
+        self.batch = batch
+        self.applied = 0
+        self.total = 0
+        self._consumer: Consumer | None = None
+        self._pending: dict[tuple[str, int], TP] = {}
+        self._ends: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+        self._began = 0.0
+        self._said = 0.0
+        self._progress = RecoveryProgress(f"table {table}")
+
+    def _new_consumer(self) -> Consumer:
+        return Consumer({
+            "bootstrap.servers": self.servers,
+            "group.id": f"paystream-changelog-loader-{self.table}",  # never joins: assign() only
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.max.bytes": 16 * MiB,
+            "max.partition.fetch.bytes": 4 * MiB,
+            "queued.max.messages.kbytes": 16 * 1024,
+            "log_level": 3,
+        })
+
+    def plan(self, consumer: Consumer, tps: Iterable[TP]) -> dict[TP, tuple[int, int]]:
+        """Partition -> (first offset to load, end offset) for those far enough behind."""
+        plan = {}
+        for tp in tps:
+            low, high = consumer.get_watermark_offsets(TopicPartition(tp.topic, tp.partition),
+                                                       timeout=30.0)
+            persisted = self.persisted_offset(tp)
+            first = low if persisted is None else max(low, persisted + 1)
+            if high - first >= self.min_records:
+                plan[tp] = (first, high)
+        return plan
+
+    def start(self, tps: Iterable[TP]) -> bool:
+        """Look at the partitions; True if some are far enough behind to load."""
+        with self._lock:
+            self._consumer = consumer = self._new_consumer()
+            plan = self.plan(consumer, tps)
+            if not plan:
+                return False
+            self.total = sum(high - first for first, high in plan.values())
+            self._pending = {(tp.topic, tp.partition): tp for tp in plan}
+            self._ends = {(tp.topic, tp.partition): high for tp, (_first, high) in plan.items()}
+            log.info("loading table %s from its changelog: about %s records in %d partitions",
+                     self.table, f"{self.total:,}", len(plan))
+            self._began = self._said = time.monotonic()
+            self._progress.begin(RecoverySample(self._began, self.total))
+            consumer.assign([TopicPartition(tp.topic, tp.partition, first)
+                             for tp, (first, _high) in plan.items()])
+            return True
+
+    def step(self, seconds: float) -> bool:
+        """Apply records for about ``seconds``; True when done (or told to stop)."""
+        with self._lock:
+            assert self._consumer is not None
+            until = time.monotonic() + seconds
+            while self._pending and self.keep_going():
+                self._apply(self._consumer.consume(self.batch, timeout=0.5))
+                at = time.monotonic()
+                if at - self._said >= PROGRESS_EVERY_SECONDS:
+                    self._said = at
+                    remaining = max(0, self.total - self.applied)
+                    log.info("%s", self._progress.update(RecoverySample(at, remaining)))
+                if at >= until:
+                    break
+            return not self._pending or not self.keep_going()
+
+    def _apply(self, messages: list[Any]) -> None:
+        batches: dict[int, rocksdict.WriteBatch] = defaultdict(
+            lambda: rocksdict.WriteBatch(raw_mode=True))
+        last: dict[TP, int] = {}
+        for message in messages:
+            error = message.error()
+            key = (message.topic(), message.partition())
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    self._pending.pop(key, None)
+                    continue
+                raise KafkaException(error)
+            tp = self._pending.get(key)
+            if tp is None:  # that partition is done; later records are Faust's to replay
+                continue
+            offset = message.offset()
+            value = message.value()
+            if value is None:
+                batches[tp.partition].delete(message.key())
+            else:
+                batches[tp.partition].put(message.key(), value)
+            last[tp] = offset
+            if offset >= self._ends[key] - 1:
+                self._pending.pop(key, None)
+        for partition, batch in batches.items():
+            self.applied += len(batch)
+            self.db_for(partition).write(batch)
+        for tp, offset in last.items():
+            self.set_persisted_offset(tp, offset)
+
+    def close(self) -> None:
+        """Close the consumer (waits for a running ``step``) and say what was loaded."""
+        with self._lock:
+            if self._consumer is not None:
+                self._consumer.close()
+                self._consumer = None
+            if self.total:
+                seconds = max(time.monotonic() - self._began, 1e-9)
+                log.info("table %s loaded: %s records in %.1f s (%s rows/s)%s", self.table,
+                         f"{self.applied:,}", seconds, f"{self.applied / seconds:,.0f}",
+                         "" if not self._pending else
+                         "; stopped early, Faust's recovery goes on from there")
+                self.total = 0
+        release_free_memory()
+
+
+class BulkLoadingRecovery(Recovery):
+    """Faust's table recovery, with a bulk load before its per-record replay.
+
+    Faust builds the offsets it will recover from (``_build_offsets``) after
+    the rebalance callback has returned, so the heartbeat goes on meanwhile.
+    Just before that, every active partition of a
+    :class:`BoundedRocksDBStore` table that is far behind its changelog is
+    loaded by a :class:`ChangelogLoader` (in a thread, a few seconds per
+    step), and its new persisted offset becomes Faust's starting point.  A
+    new rebalance, a stop, an error, or the time budget ends the bulk load
+    early; Faust's own recovery then replays the rest, as it would have
+    anyway.  The budget is :data:`BULK_LOAD_SHARE` of
+    ``broker_request_timeout``: Faust waits that long for ``_build_offsets``
+    and, past it, ends its recovery service for good.  Relies on a private
+    Faust method, hence ``faust-streaming<0.16`` in setup.cfg.
+    """
+
+    bulk_loading = False
+    # Faust's recovery lines (offset tables, "Resuming flow...") stay under a
+    # faust logger, which the worker's quiet logging config silences.
+    logger = logging.getLogger("faust.tables.recovery.paystream")
+
+    async def _build_offsets(self, consumer: Any, tps: set[TP], destination: Any,
+                             title: str) -> None:
+        if title == "active" and tps:
+            await self._bulk_load(tps, destination)
+        await super()._build_offsets(consumer, tps, destination, title)
+
+    async def _bulk_load(self, tps: set[TP], destination: Any) -> None:
+        by_table: dict[Any, list[TP]] = defaultdict(list)
+        for tp in sorted(tps):
+            table = self.tp_to_table.get(tp)
+            if table is not None and isinstance(table.data, BoundedRocksDBStore):
+                by_table[table].append(tp)
+        generation = self.app.consumer_generation_id
+        stop = threading.Event()
+        until = time.monotonic() + BULK_LOAD_SHARE * float(self.app.conf.broker_request_timeout)
+
+        def keep_going() -> bool:
+            return (not stop.is_set() and not self.should_stop and time.monotonic() < until
+                    and self.app.consumer_generation_id == generation
+                    and not self.signal_recovery_start.is_set())
+
+        loop = asyncio.get_running_loop()
+        self.bulk_loading = True
+        try:
+            for table, table_tps in by_table.items():
+                store = table.data
+                loader = ChangelogLoader(
+                    bootstrap_servers(self.app), table.name, db_for=store._db_for_partition,
+                    persisted_offset=store.persisted_offset,
+                    set_persisted_offset=store.set_persisted_offset, keep_going=keep_going)
+                try:
+                    if await loop.run_in_executor(None, loader.start, table_tps):
+                        while not await loop.run_in_executor(None, loader.step, 2.0):
+                            _advance(destination, store, table_tps)
+                        _advance(destination, store, table_tps)
+                except asyncio.CancelledError:
+                    stop.set()
+                    loop.run_in_executor(None, loader.close)
+                    raise
+                except Exception as exc:  # Faust's per-record recovery still does it all
+                    log.warning("bulk load of table %s stopped after %s records (%r); Faust's "
+                                "recovery goes on from the last persisted offset",
+                                table.name, f"{loader.applied:,}", exc)
+                    _advance(destination, store, table_tps)
+                await loop.run_in_executor(None, loader.close)
+                if not keep_going():
+                    return
+        finally:
+            self.bulk_loading = False
+
+
+def _advance(destination: Any, store: Any, tps: Iterable[TP]) -> None:
+    """Move Faust's recovery start offsets up to what the bulk load persisted."""
+    for tp in tps:
+        persisted = store.persisted_offset(tp)
+        if persisted is not None and (destination.get(tp) is None or persisted > destination[tp]):
+            destination[tp] = persisted
+
+
+class BulkLoadingTableManager(TableManager):
+    """Faust's table manager with :class:`BulkLoadingRecovery` (``app.conf.TableManager``)."""
+
+    logger = logging.getLogger("faust.tables.manager.paystream")
+
+    @property
+    def recovery(self) -> Recovery:
+        if self._recovery is None:
+            self._recovery = BulkLoadingRecovery(self.app, self, beacon=self.beacon, loop=self.loop)
+        return self._recovery
+
+
 def register() -> str:
     """Make :data:`STORE_URL` resolve to :class:`BoundedRocksDBStore`; return the URL."""
     stores.STORES.aliases[_SCHEME] = f"{__name__}:BoundedRocksDBStore"
@@ -217,7 +518,8 @@ class RecoveryProgress:
     the time left at that rate.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, what: str = "tables") -> None:
+        self.what = what
         self.started: RecoverySample | None = None
         self.last: RecoverySample | None = None
         self.total = 0
@@ -241,14 +543,14 @@ class RecoveryProgress:
         self.last = sample
         done = self.total - sample.remaining
         eta = f"{sample.remaining / rate:,.0f} s" if rate > 0 else "unknown"
-        return (f"recovering tables: {done:,} of {self.total:,} changelog records applied, "
+        return (f"recovering {self.what}: {done:,} of {self.total:,} changelog records applied, "
                 f"{rate:,.0f} rows/s, about {eta} left")
 
     def finish(self, at: float) -> str:
         """The closing line; resets the tracker for the next recovery."""
         assert self.started is not None
         seconds = max(at - self.started.at, 1e-9)
-        line = (f"tables recovered: {self.total:,} changelog records in {seconds:,.1f} s "
+        line = (f"{self.what} recovered: {self.total:,} changelog records in {seconds:,.1f} s "
                 f"({self.total / seconds:,.0f} rows/s)")
         self.started = self.last = None
         self.total = 0

@@ -38,6 +38,26 @@ def test_every_table_of_the_app_uses_the_bounded_store(app) -> None:
     assert app.conf.store.scheme == storage.STORE_URL.partition(":")[0]
     for name in ("alpha", "beta"):
         assert type(app.tables[name].data) is storage.BoundedRocksDBStore
+        assert app.tables[name].recovery_buffer_size >= 10_000
+
+
+def test_the_app_recovers_through_the_bulk_loading_recovery(app) -> None:
+    assert isinstance(app.tables, storage.BulkLoadingTableManager)
+    assert type(app.tables.recovery) is storage.BulkLoadingRecovery
+
+
+def test_recovery_starts_where_the_bulk_load_stopped() -> None:
+    from faust.types import TP
+
+    class Store:
+        offsets = {TP("c", 0): 41, TP("c", 1): None, TP("c", 2): 7}
+
+        def persisted_offset(self, tp: TP) -> int | None:
+            return self.offsets[tp]
+
+    destination = {TP("c", 0): 10, TP("c", 1): None, TP("c", 2): 9}
+    storage._advance(destination, Store(), list(Store.offsets))
+    assert destination == {TP("c", 0): 41, TP("c", 1): None, TP("c", 2): 9}
 
 
 def test_partition_databases_of_all_tables_share_one_cache_sized_by_settings(app) -> None:
