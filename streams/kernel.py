@@ -481,14 +481,17 @@ class Aggregate:
             if not (slot.changed or stale or schedule):
                 continue
             if slot.changed:
-                await self.rows.put(slot.event, key, self.flow.dump(slot.row))
-            with bound_to(slot.event):
-                if self.deadlines is not None:
+                self.rows.put(slot.event, key, self.flow.dump(slot.row))
+            if self.deadlines is not None:
+                with bound_to(slot.event):
                     aggregate_id = key.decode()
                     for deadline in stale:
                         self.deadlines.cancel(aggregate_id, deadline)
                     if schedule:
                         self.deadlines.schedule(aggregate_id, after)
+        await self.rows.flush()
+        if self.deadlines is not None:
+            await self.deadlines.flush()
 
     def _answer(self, plan: Plan) -> None:
         for input_id, verdict in plan.verdicts:

@@ -52,12 +52,20 @@ def bound_to(event: EventT) -> Iterator[None]:
 
 
 class TableIO:
-    """Partition-explicit get/put/delete on one Faust table and its changelog."""
+    """Partition-explicit get/put/delete on one Faust table and its changelog.
+
+    Writes change the store at once and queue their changelog records; the
+    queue is handed to the producer by :meth:`flush` (the kernel awaits it
+    before it acknowledges a batch) or, for writers that do not, by a task
+    started on the first queued record, so nothing stays unsent.
+    """
 
     def __init__(self, app: Any, table: Any) -> None:
         self.app = app
         self.table = table
         self._acked: dict[int, int] = {}  # partition -> newest acknowledged changelog offset
+        self._queue: list[tuple[int, bytes, bytes | None]] = []
+        self._draining: asyncio.Task[None] | None = None
 
     @property
     def _store(self) -> Any:
@@ -65,7 +73,7 @@ class TableIO:
         return store if hasattr(store, "_db_for_partition") else None
 
     def get(self, event: EventT, key: bytes) -> Any:
-        """The stored value of ``key`` in ``event``'s partition (None: none)."""
+        """The stored value of ``key`` in ``event``'s partition (None: none), JSON-decoded."""
         store = self._store
         if store is None:
             with bound_to(event):
@@ -73,20 +81,34 @@ class TableIO:
         raw = store._db_for_partition(event.message.partition).get(key)
         return None if raw is None else json.loads(raw)
 
-    async def put(self, event: EventT, key: bytes, value: Any) -> None:
-        """Store ``value`` (JSON-able) under ``key`` in ``event``'s partition, and log it."""
+    def contains(self, event: EventT, key: bytes) -> bool:
         store = self._store
         if store is None:
             with bound_to(event):
+                return self.table.get(key) is not None
+        return store._db_for_partition(event.message.partition).get(key) is not None
+
+    def put(self, event: EventT, key: bytes, value: Any) -> None:
+        """Store ``value`` (JSON-able) under ``key`` in ``event``'s partition, and log it."""
+        if self._store is None:
+            with bound_to(event):
                 self.table[key] = value
             return
+        self.put_bytes(event, key, json.dumps(value, separators=(",", ":")).encode())
+
+    def put_bytes(self, event: EventT, key: bytes, raw: bytes) -> None:
+        """Store already-encoded ``raw`` (a table whose values are raw bytes, or JSON text)."""
+        store = self._store
+        if store is None:
+            with bound_to(event):
+                self.table[key] = raw
+            return
         partition = event.message.partition
-        raw = json.dumps(value, separators=(",", ":")).encode()
         store._db_for_partition(partition).put(key, raw)
         store._key_index[key] = partition
-        await self._log(partition, key, raw)
+        self._log(partition, key, raw)
 
-    async def delete(self, event: EventT, key: bytes) -> None:
+    def delete(self, event: EventT, key: bytes) -> None:
         """Remove ``key`` from ``event``'s partition, and log a tombstone."""
         store = self._store
         if store is None:
@@ -96,12 +118,29 @@ class TableIO:
             return
         partition = event.message.partition
         store._db_for_partition(partition).delete(key)
-        await self._log(partition, key, None)
+        self._log(partition, key, None)
 
-    async def _log(self, partition: int, key: bytes, raw: bytes | None) -> None:
-        topic = self.table.changelog_topic.get_topic_name()
-        ack = await self.app.producer.send(topic, key, raw, partition, None, None)
-        ack.add_done_callback(lambda done: self._note(partition, done))
+    def _log(self, partition: int, key: bytes, raw: bytes | None) -> None:
+        self._queue.append((partition, key, raw))
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+
+    async def flush(self) -> None:
+        """Hand every queued changelog record to the producer (acks are not awaited)."""
+        while self._draining is not None:
+            await asyncio.shield(self._draining)
+
+    async def _drain(self) -> None:
+        try:
+            topic = self.table.changelog_topic.get_topic_name()
+            producer = self.app.producer
+            while self._queue:
+                queued, self._queue = self._queue, []
+                for partition, key, raw in queued:
+                    ack = await producer.send(topic, key, raw, partition, None, None)
+                    ack.add_done_callback(lambda done, p=partition: self._note(p, done))
+        finally:
+            self._draining = None
 
     def _note(self, partition: int, done: asyncio.Future[Any]) -> None:
         if done.cancelled() or done.exception() is not None:

@@ -85,8 +85,10 @@ from itertools import islice
 from typing import Any, Protocol
 
 import faust
+from faust.types import EventT
 
 from streams import catalog
+from streams.table_io import TableIO
 
 logger = logging.getLogger(__name__)
 
@@ -598,6 +600,7 @@ class Deadlines:
             name, key_type=bytes, value_type=bytes, partitions=partitions, default=None,
             extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIGS),
         )
+        self.io = TableIO(app, self.table)  # writes by explicit partition; the kernel flushes it
         self.index = DueIndex(redeliver_after=redeliver_after, batch_size=batch_size, name=name)
 
         async def tick() -> None:  # Faust passes the app to timers that take an argument
@@ -611,14 +614,14 @@ class Deadlines:
 
     # -- writes (inside the owning agent) -----------------------------------
 
-    def _partition(self) -> int:
+    def _event(self) -> EventT:
         event = faust.current_event()
         if event is None:
             raise RuntimeError(
                 f"{self.name}: deadlines change only while an agent processes an event of the "
                 "aggregate's partition (Faust's current event is not set)"
             )
-        return int(event.message.partition)
+        return event
 
     def schedule(self, aggregate_id: str, deadline_ms: int) -> None:
         """Remember a deadline (while processing an event of ``aggregate_id``'s partition).
@@ -627,21 +630,26 @@ class Deadlines:
         deadline whose first record a crash may have lost.
         """
         key = deadline_key(aggregate_id, deadline_ms)
-        partition = self._partition()
-        self.table[key] = partition_value(partition)
+        event = self._event()
+        partition = int(event.message.partition)
+        self.io.put_bytes(event, key, partition_value(partition))
         self.index.written(partition, key)
         self._drop_legacy(partition, aggregate_id, deadline_ms)
 
     def cancel(self, aggregate_id: str, deadline_ms: int) -> None:
         """Forget a deadline (it fired, or the aggregate no longer needs it)."""
         key = deadline_key(aggregate_id, deadline_ms)
-        partition = self._partition()
-        # get() rather than ``in``: Faust's RocksDB store remembers the partition of
-        # a key it got, so the delete touches that partition's DB only, not all.
-        if self.table.get(key) is not None:
-            del self.table[key]
+        event = self._event()
+        partition = int(event.message.partition)
+        if self.io.contains(event, key):
+            self.io.delete(event, key)
         self.index.removed(partition, key)
         self._drop_legacy(partition, aggregate_id, deadline_ms)
+
+    async def flush(self) -> None:
+        """Hand the changelog records of this batch's writes to the producer."""
+        self.io.persist_offsets()
+        await self.io.flush()
 
     def _drop_legacy(self, partition: int, aggregate_id: str, deadline_ms: int) -> None:
         """Remove the aggregate's entry for ``deadline_ms`` from its old-format bucket, if any."""

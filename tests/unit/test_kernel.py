@@ -454,12 +454,16 @@ class DeadlineRecorder:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int, int | None]] = []
+        self.flushes = 0
 
     def schedule(self, aggregate_id: str, deadline_ms: int) -> None:
         self.calls.append(("schedule", aggregate_id, deadline_ms, _bound_partition()))
 
     def cancel(self, aggregate_id: str, deadline_ms: int) -> None:
         self.calls.append(("cancel", aggregate_id, deadline_ms, _bound_partition()))
+
+    async def flush(self) -> None:
+        self.flushes += 1
 
 
 @dataclass
@@ -1202,7 +1206,8 @@ def payment_completed(app: FakeApp, order_id: str, *, partition: int = 0) -> Eve
 
 
 def deadline_entries(orders: Orders) -> dict[tuple[str, int], int]:
-    return {parse_key(k): v for k, v in orders.deadline_table.data.items()}
+    """Pending deadlines -> the partition each was written in (the entry's value, in digits)."""
+    return {parse_key(k): int(v) for k, v in orders.deadline_table.data.items()}
 
 
 async def test_an_api_create_publishes_order_created_stores_the_row_and_its_deadline(orders: Orders) -> None:
