@@ -54,7 +54,8 @@ def assert_healthy(app: PaystreamApp) -> None:
 
 
 def pending_deadlines(app: PaystreamApp, order_id: str) -> list[int]:
-    return [deadline for aggregate, deadline in app.orders.orders.deadlines.pending() if aggregate == order_id]
+    pending = app.orders.orders.deadlines.pending()
+    return [deadline for aggregate, deadline in pending if aggregate == order_id]
 
 
 def epoch_ms(value: Any) -> int:
