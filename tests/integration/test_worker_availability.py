@@ -8,12 +8,17 @@
   loaded CI machine does not flake, the printed figure is what we report.
 * With two workers, the survivor owns a SIGKILLed worker's partitions once
   that worker's session times out (``PAYSTREAM_SESSION_TIMEOUT_SECONDS``).
-* A worker started while the schema registry is unreachable logs one line
-  saying what it waits for, keeps trying, and serves once the registry is up.
+* A worker started while the schema registry (or the broker) is unreachable
+  logs one line saying what it waits for, keeps trying, and serves once it
+  is up.  The broker case points the worker at a bootstrap port where nothing
+  listens yet, then opens a TCP forwarder to the real broker there (the
+  broker's metadata then sends the clients to the broker itself).
 """
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -156,3 +161,74 @@ def test_worker_waits_for_an_unreachable_registry_then_serves(
         if registry is not None:
             registry.stop()
             drop_topic(app_settings.kafka_bootstrap_servers, topic)
+
+
+class Forwarder:
+    """Accepts TCP connections on 127.0.0.1:``port`` and relays them to ``target``."""
+
+    def __init__(self, port: int, target: tuple[str, int]) -> None:
+        self.target = target
+        self.server = socket.create_server(("127.0.0.1", port))
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.closed = True
+        self.server.close()
+
+
+def test_worker_waits_for_an_unreachable_broker_then_serves(
+    app_settings: Settings, free_port: Callable[[], int], tmp_path: Path,
+) -> None:
+    port = free_port()
+    host, _, broker_port = app_settings.kafka_bootstrap_servers.split(",")[0].rpartition(":")
+    env = {**settings_env(app_settings), "KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"}
+    worker = WorkerProcess(env, free_port(), tmp_path / "state", name="worker")
+    forwarder: Forwarder | None = None
+    try:
+        worker.launch()
+        wanted = f"waiting for the Kafka broker at 127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while wanted not in worker.log_text():
+            worker.assert_running()
+            assert time.monotonic() < deadline, worker.log_tail()
+            time.sleep(0.25)
+        time.sleep(3.0)
+        worker.assert_running()
+        text = worker.log_text()
+        assert len([line for line in text.splitlines() if wanted in line]) == 1, worker.log_tail()
+        assert "Traceback" not in text and "rdkafka" not in text, worker.log_tail()
+
+        forwarder = Forwarder(port, (host or "localhost", int(broker_port)))
+        worker.wait_serving(60)
+        text = worker.log_text()
+        assert f"the Kafka broker at 127.0.0.1:{port} is reachable after" in text, worker.log_tail()
+        assert "Traceback" not in text and not worker.error_lines(), worker.log_tail()
+    finally:
+        worker.stop()
+        if forwarder is not None:
+            forwarder.close()
