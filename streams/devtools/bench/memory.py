@@ -12,8 +12,9 @@
 4. Cold recovery: the state directory is deleted and the same is measured;
    the rate is changelog records (and keys) recovered per second.
 
-The child runs ``create_app`` + ``app.start()``, the app ``paystream worker``
-runs, so the numbers are those of that process alone.
+The child does what ``paystream worker`` does before it starts the app
+(:func:`_set_up_like_run_worker`), then ``create_app`` + ``app.start()``, so the
+numbers are those of the worker's app in a process of its own.
 """
 
 from __future__ import annotations
@@ -52,11 +53,25 @@ def memory_child(settings: Settings, conn: Any) -> None:
 
     logging.basicConfig(level=logging.ERROR)
     try:
+        _set_up_like_run_worker()
         conn.send(asyncio.run(_measure(settings)))
     except BaseException as exc:
         conn.send({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
     finally:
         conn.close()
+
+
+def _set_up_like_run_worker() -> None:
+    """The process set-up ``streams.app.run_worker`` does before it builds the app.
+
+    Today: glibc's malloc arenas capped before any thread starts
+    (``tables.storage.limit_malloc_arenas``); skipped where it does not exist.
+    """
+    try:
+        from tables.storage import limit_malloc_arenas
+    except ImportError:
+        return
+    limit_malloc_arenas()
 
 
 async def _measure(settings: Settings, timeout: float = 3600.0) -> dict[str, Any]:
