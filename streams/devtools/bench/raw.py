@@ -259,7 +259,7 @@ async def _aiokafka_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
 
 
 def _confluent_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
-    from confluent_kafka import Consumer, Producer
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 
     work = Work(spec)
     bootstrap = spec.settings.kafka_bootstrap_servers
@@ -307,7 +307,11 @@ def _confluent_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
             consumer.commit(asynchronous=True)
             batches += 1
         if batches:
-            consumer.commit(asynchronous=False)
+            try:
+                consumer.commit(asynchronous=False)
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._NO_OFFSET:  # all committed already
+                    raise
     finally:
         consumer.close()
         work.close()
