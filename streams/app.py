@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import faust
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from mode import Service
 
@@ -43,11 +44,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Changelog records Faust applies to RocksDB in one write batch while it
-#: recovers a table (Faust's default is 1,000).
+#: replays a table's tail (Faust's default is 1,000); long changelogs are
+#: bulk-loaded before that (``tables.storage.BulkLoadingRecovery``).
 RECOVERY_BUFFER_SIZE = 10_000
-#: Bytes fetched per partition per request (Faust's default is 1 MiB); the
-#: changelog is read much faster in big fetches.
-CONSUMER_MAX_FETCH_BYTES = 8 * 1024 * 1024
+#: Seconds one schema registry request may take (the client's default is no
+#: limit: a registry that never answers would hang the start without a word).
+REGISTRY_TIMEOUT_SECONDS = 10
 
 #: Start-up waits: first retry after this many seconds, doubling up to the cap.
 RETRY_FIRST_SECONDS = 0.5
@@ -225,13 +227,13 @@ def create_app(
         "consumer_group_instance_id": settings.group_instance_id,
         "broker_session_timeout": settings.session_timeout_seconds,
         "broker_heartbeat_interval": settings.heartbeat_interval_seconds,
-        "consumer_max_fetch_size": CONSUMER_MAX_FETCH_BYTES,
         "logging_config": QUIET_LOGGING,
     }
     options.update(faust_options)
     app = PaystreamApp(settings.app_id, **options)
     app.settings = settings
-    app.schema_cache = SchemaCache(settings.schema_registry_url)
+    app.schema_cache = SchemaCache(SchemaRegistryClient(
+        {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS}))
     app.event_topics = {
         name: app.topic(
             settings.topic(name),

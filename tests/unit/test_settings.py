@@ -71,7 +71,7 @@ def test_the_app_uses_the_settings(tmp_path: Path) -> None:
         assert conf.store.scheme == storage.STORE_URL.partition(":")[0]
         assert storage.memory_budget().capacity == 40 * storage.MiB
         assert conf.logging_config == QUIET_LOGGING
-        assert conf.consumer_max_fetch_size >= 4 * 1024 * 1024
+        assert app.schema_cache._client._rest_client.timeout == 10
     finally:
         storage.configure_memory(storage.DEFAULT_MEMORY_MB)
 
