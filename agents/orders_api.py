@@ -225,6 +225,8 @@ class OrderApi:
         async def here() -> web.Response:
             order = self.orders.row(order_id)
             if order is None:
+                if self.app.rebalancing:  # its row may still be on its way from the changelog
+                    return _unavailable(f"partitions are moving: order {order_id} not readable yet")
                 return _error(404, "not_found", f"order {order_id} does not exist")
             return web.json_response(self.orders.flow.view(order))
 
@@ -258,8 +260,11 @@ class OrderApi:
     # /users/{user_id}/orders ----------------------------------------------
     async def user_orders_of(self, request: web.Request, user_id: str) -> web.Response:
         async def here() -> web.Response:
+            row = self.user_orders.row(user_id)
+            if row is None and self.app.rebalancing:
+                return _unavailable(f"partitions are moving: orders of {user_id} not readable yet")
             orders = [{k: v for k, v in s.items() if k != "version"}
-                      for s in order_index.orders_of(self.user_orders.row(user_id))]
+                      for s in order_index.orders_of(row)]
             return web.json_response({"user_id": user_id, "orders": orders})
 
         return await self.owned(self.user_orders, user_id, request, here)

@@ -218,6 +218,10 @@ def create_app(
         "consumer_auto_offset_reset": "earliest",
         "processing_guarantee": "at_least_once",
         "producer_acks": -1,
+        # The kernel hands a whole batch to the producer, then awaits its acks
+        # once; a few ms of linger packs those records into a few requests
+        # instead of one per record (measured: ~30% less CPU per input).
+        "producer_linger_ms": 5,
         "table_standby_replicas": 0,
         "key_serializer": "raw",
         "value_serializer": "raw",

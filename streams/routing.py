@@ -15,6 +15,7 @@ topic's partition of the same number).
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import aiohttp
@@ -34,6 +35,10 @@ class NotOwnerYet(Exception):
 
 class Router(Service):
     """Finds a key's owner and forwards requests to it on one pooled session."""
+
+    # mode's "Starting..."/"Stopping..." lines under a faust logger, which the
+    # worker's quiet logging config keeps at WARNING.
+    logger = logging.getLogger("faust.paystream.router")
 
     def __init__(self, app: Any, *, timeout: float = 30.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
