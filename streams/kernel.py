@@ -53,9 +53,10 @@ What a SIGKILL does at each await
   every outgoing record is in Kafka; some of the row and deadline changelog
   records may be, and the offsets are not committed.  The replay finds rows
   that were written as duplicates (they hold the input's id: nothing is
-  published twice under new ids, and the deadline is re-asserted from the row,
-  so a row kept without its deadline gets it back), and re-decides rows that
-  were not written, republishing the same ids.  A lost deadline cancel leaves
+  published twice under new ids; the row is logged to its changelog again and
+  its deadline re-asserted, so a row the local store kept but the changelog
+  lost, or a row kept without its deadline, is whole again), and re-decides
+  rows that were not written, republishing the same ids.  A lost deadline cancel leaves
   an entry whose hand-over the domain's timer step finds moot and clears.
 - after the commit: nothing is replayed, and nothing needs to be.
 A requester that was waiting gets no answer (its connection is gone); it
@@ -153,6 +154,7 @@ class Slot:
     row: Any
     changed: bool = False
     repair: bool = False  # re-assert the row's deadline (a duplicate or no-op was seen)
+    replayed: bool = False  # an input the row applied before: re-log the row (see _write)
     fired: set[int] = field(default_factory=set)  # deadlines the timer handed over
 
 
@@ -395,6 +397,7 @@ class Aggregate:
             slot.row, slot.changed = decision.row, True
         else:
             slot.repair = True
+            slot.replayed = slot.replayed or decision.duplicate
         if fired is not None:
             slot.fired.add(fired)
         if record.input_id in self.replies:
@@ -478,9 +481,14 @@ class Aggregate:
             after = deadline_of(slot.row) if deadline_of and slot.row is not None else None
             stale = ({before} | slot.fired) - {after, None}
             schedule = after is not None and (after != before or slot.repair)
-            if not (slot.changed or stale or schedule):
+            # A replayed input means a crash cut an earlier batch short: its row
+            # may be in the local store but not in the changelog (the record was
+            # queued, not sent), so it is logged again: a worker rebuilding this
+            # partition from the changelog must find the row the replay found.
+            relog = slot.replayed and slot.row is not None
+            if not (slot.changed or relog or stale or schedule):
                 continue
-            if slot.changed:
+            if slot.changed or relog:
                 self.rows.put(slot.event, key, self.flow.dump(slot.row))
             if self.deadlines is not None:
                 with bound_to(slot.event):
