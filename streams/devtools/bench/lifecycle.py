@@ -7,10 +7,12 @@ them and reads end offsets:
 
 - **ours**: a ``paystream worker`` subprocess with every agent;
 - **raw-with-state**: :mod:`streams.devtools.bench.raw` doing the same work
-  per input, producing as many records per input as ours did (measured just
-  before from the end offsets of every topic of ours' run, changelogs
-  included);
-- **raw-without-state**: the same loop without the row and the extra records.
+  per input, producing as many records per input of each role as ours did
+  (measured just before from the end offsets of every topic of ours' run,
+  changelogs included, see :func:`roles_of`): its index updates go to a topic
+  it consumes itself and merges into index rows, as ours' second agent does;
+- **raw-without-state**: the same loop without the rows, the index hop and
+  the extra records.
 
 Records produced per input = (end offsets after - before, summed over every
 topic of the side, minus the inputs the driver wrote) / inputs.
@@ -24,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from streams import catalog
 from streams.devtools.bench.common import (
     PARTITIONS,
     BenchRun,
@@ -40,8 +43,13 @@ from streams.devtools.bench.common import (
     wait_quiet,
 )
 from streams.devtools.bench.driver import INPUTS_PER_LIFECYCLE, DriverSpec, driver_main
-from streams.devtools.bench.raw import OUTPUTS, RawSpec, raw_main
+from streams.devtools.bench.raw import OUTPUTS, IndexHop, RawSpec, raw_main
 from streams.settings import Settings
+from tables.order_index import USER_ORDERS
+
+#: The user -> orders index table's changelog, as a suffix of its topic name
+#: (Faust names it ``{app id}-{table}-changelog``).
+INDEX_CHANGELOG_SUFFIX = f"-{USER_ORDERS.name}-changelog"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +116,64 @@ def _produced(settings: Settings, before: dict[str, int], after: dict[str, int],
     return produced
 
 
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """Ours' records per input by role, for raw-with-state to produce as many of each.
+
+    ``index_topic``/``index_changelog`` name ours' topics (without the run's
+    prefix), or are None when ours produced none of that role.
+    """
+
+    index_topic: str | None
+    index_per_input: float
+    index_changelog: str | None
+    index_rows_per_update: float
+    unconsumed: dict[str, float]  # ours' topic -> records per input that nothing consumes in the run
+
+    def lines(self) -> list[str]:
+        hop = (f"index updates {self.index_per_input:.2f} per input to {self.index_topic}, consumed "
+               f"by the loop itself, each merged into an index row and logged "
+               f"{self.index_rows_per_update:.2f} times to mirror.{self.index_changelog}"
+               if self.index_topic else "no index hop (ours produced no index updates)")
+        rest = ", ".join(f"mirror.{topic} {rate:.2f}" for topic, rate in sorted(self.unconsumed.items()))
+        return [hop, f"unconsumed per input: {rest or '-'}"]
+
+
+def roles_of(ours: Side) -> Roles:
+    """Sort ours' produced topics (outputs aside) into the index hop and the unconsumed rest.
+
+    The subscription -> orders index would land in ``unconsumed``: the
+    driver creates no subscription orders, so ours produces none of it.
+    """
+    inputs = max(ours.driver["inputs_total"], 1)
+    outputs = set(OUTPUTS.values())
+    index_topic = index_changelog = None
+    index_count = changelog_count = 0
+    unconsumed = {}
+    for topic, count in ours.produced.items():
+        if topic in outputs:
+            continue
+        if topic == catalog.USER_ORDER_INDEX:
+            index_topic, index_count = topic, count
+        elif topic.endswith(INDEX_CHANGELOG_SUFFIX):
+            index_changelog, changelog_count = topic, count
+        else:
+            unconsumed[topic] = count / inputs
+    if index_topic is None:  # index rows without index updates: nothing to merge, log them as rows
+        if index_changelog is not None:
+            unconsumed[index_changelog] = changelog_count / inputs
+        return Roles(None, 0.0, None, 0.0, unconsumed)
+    return Roles(index_topic, index_count / inputs, index_changelog or f"paystream{INDEX_CHANGELOG_SUFFIX}",
+                 changelog_count / index_count, unconsumed)
+
+
+#: What raw-with-state produces if ours failed: the rates ours' runs have shown
+#: (an index update and an index row per input, an order row per input, a
+#: deadline record for two inputs of three).
+FALLBACK_ROLES = Roles(catalog.USER_ORDER_INDEX, 1.0, f"paystream{INDEX_CHANGELOG_SUFFIX}", 1.0,
+                       {"paystream-orders-changelog": 1.0, "paystream-order-deadlines-changelog": 2 / 3})
+
+
 def worker_producer_config(settings: Settings) -> tuple[dict[str, Any], int | None, float]:
     """The worker's Faust producer settings, max poll records and commit interval."""
     from streams.app import create_app
@@ -143,18 +209,29 @@ def run_ours(run: BenchRun, options: LifecycleOptions) -> Side:
                 {"rss_kib": rss, "peak_kib": peak, "cpu_s": cpu})
 
 
-def run_raw(run: BenchRun, options: LifecycleOptions, *, state: bool,
-            mirror: dict[str, float], producer: dict[str, Any], max_records: int | None) -> Side:
+def run_raw(run: BenchRun, options: LifecycleOptions, *, roles: Roles | None,
+            producer: dict[str, Any], max_records: int | None) -> Side:
+    """raw-with-state with ``roles`` (ours' records per input by role), raw-without-state without."""
     from streams.admin import TopicSettings, ensure_topics
 
+    state = roles is not None
     name = "raw-state" if state else "raw-plain"
     settings = run.settings(f"life-{name}")
-    mirror_topics = tuple((settings.topic(f"mirror.{topic}"), rate) for topic, rate in sorted(mirror.items()))
+    mirror_topics: tuple[tuple[str, float], ...] = ()
+    index = None
+    if roles is not None:
+        mirror_topics = tuple((settings.topic(f"mirror.{topic}"), rate)
+                              for topic, rate in sorted(roles.unconsumed.items()))
+        if roles.index_topic is not None:
+            index = IndexHop(settings.topic(roles.index_topic), roles.index_per_input,
+                             settings.topic(f"mirror.{roles.index_changelog}"), roles.index_rows_per_update)
     names = [settings.topic(n) for n in (*OUTPUTS, *OUTPUTS.values())] + [t for t, _ in mirror_topics]
+    if index is not None:
+        names += [index.topic, index.changelog]
     ensure_topics(settings.kafka_bootstrap_servers, [TopicSettings(n, PARTITIONS) for n in names])
     spec = RawSpec(settings, state, options.raw_client, str(settings.state_dir / "rocksdb"), producer,
                    max_records if options.raw_client == "aiokafka" else (max_records or 500),
-                   mirror_topics)
+                   mirror_topics, index)
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     stop = context.Event()
@@ -191,25 +268,24 @@ def run_raw(run: BenchRun, options: LifecycleOptions, *, state: bool,
 
 
 def run_lifecycle(run: BenchRun, options: LifecycleOptions) -> list[Side]:
-    """Ours, then raw-with-state (mirroring ours' records per input), then raw-without-state."""
+    """Ours, then raw-with-state (ours' records per input by role), then raw-without-state."""
     sides: list[Side] = []
     producer, max_records, commit_interval = worker_producer_config(run.settings("life-ours"))
     print(f"  worker producer (Faust conf, used by the raw loops too): {producer}; "
           f"max poll records {max_records}; commit interval {commit_interval:g} s", flush=True)
-    mirror: dict[str, float] = {}
     try:
         ours = run_ours(run, options)
         sides.append(ours)
-        outputs = set(OUTPUTS.values())
-        inputs = ours.driver["inputs_total"]
-        mirror = {topic: count / inputs for topic, count in ours.produced.items() if topic not in outputs}
+        roles = roles_of(ours)
     except Exception as exc:
         print(f"  ours FAILED: {exc}")
-        mirror = {"paystream-orders-changelog": 1.0}
-        print("  raw-with-state falls back to one extra (changelog) record per input")
+        roles = FALLBACK_ROLES
+        print("  raw-with-state falls back to the records per input ours' runs have shown")
+    for line in roles.lines():
+        print(f"  raw-with-state, as ours: {line}", flush=True)
     for state in (True, False):
         try:
-            sides.append(run_raw(run, options, state=state, mirror=mirror if state else {},
+            sides.append(run_raw(run, options, roles=roles if state else None,
                                  producer=producer, max_records=max_records))
         except Exception as exc:
             print(f"  {'raw-with-state' if state else 'raw-without-state'} FAILED: {exc}")
@@ -254,6 +330,10 @@ def report(sides: list[Side], options: LifecycleOptions, commit_interval: float)
         print(f"    CPU while driven: {side.extra['cpu_s']:.1f} s in the side's process "
               f"({1e6 * side.extra['cpu_s'] / inputs:,.0f} us per input), {d['cpu_s']:.1f} s in the driver "
               f"({1e6 * d['cpu_s'] / inputs:,.0f} us per input) for {inputs:,} inputs")
+        if side.extra.get("index_handled"):
+            produced = side.produced.get(catalog.USER_ORDER_INDEX, 0)
+            print(f"    index updates read back and merged by the loop: {side.extra['index_handled']:,} "
+                  f"of the {produced:,} it produced")
         if "rss_kib" in side.extra:
             print(f"    worker RSS at the end {side.extra['rss_kib'] / 1024:.0f} MiB "
                   f"(peak {side.extra['peak_kib'] / 1024:.0f} MiB)")
@@ -261,7 +341,7 @@ def report(sides: list[Side], options: LifecycleOptions, commit_interval: float)
     for line in differences(ours, by_name.get("raw-state"), commit_interval):
         print(f"    - {line}")
     print("  what still differs between ours and raw-without-state: all of the above, and it keeps no "
-          "state (no RocksDB, no row JSON) and produces exactly one record per input")
+          "state (no RocksDB, no row JSON), has no index hop and produces exactly one record per input")
 
 
 def differences(ours: Side | None, raw: Side | None, commit_interval: float) -> list[str]:
@@ -269,13 +349,20 @@ def differences(ours: Side | None, raw: Side | None, commit_interval: float) -> 
         "ours decides through the order state machine (validation, derived uuid5 event ids, "
         "applied-id lists, the deadline index); raw does a fixed dict update and a uuid4 event id",
         "ours runs Faust: agents, stream buffers, table wrappers, its own per-partition RocksDB options; "
-        "raw uses one rocksdict DB per input partition with rocksdict's default options",
+        "raw uses one rocksdict DB per partition of each of its two tables (order rows, user index rows) "
+        "with rocksdict's default options",
         "ours' extra records are its real changelog, index and deadline records (their own sizes, "
-        "keys and partitions); raw's extra records are its row JSON keyed by order id, to mirror topics",
-        "ours also consumes what it produces to its internal topics (e.g. the user -> orders index "
-        "feeds a second agent and its table); raw's mirror topics have no consumer",
+        "keys and partitions); raw produces as many per input of each role: the index update (the "
+        "order summary JSON keyed by user id), the index row JSON keyed by user id, and its order row "
+        "JSON keyed by order id standing for ours' order-row and deadline changelog records",
+        "both consume their index updates and merge them into a user's index row (get, JSON decode, "
+        "merge, encode, put, changelog record); ours in a second agent with its own stream, raw in the "
+        "same consumer and loop as its inputs, its merge a plain dict update",
+        "ours writes or deletes a deadline key in its deadline table (RocksDB) with each deadline record "
+        "and runs the expiry timer; raw only produces the record",
         f"ours commits offsets on Faust's timer (every {commit_interval:g} s) after the acks; raw commits "
-        "each batch's offsets right after that batch's acks, without waiting for the commit",
+        "each batch's offsets (inputs and index topic) right after that batch's acks, without waiting "
+        "for the commit",
     ]
     if ours and raw and abs(ours.records_per_input - raw.records_per_input) > 0.05:
         lines.append(f"records per input differ: ours {ours.records_per_input:.2f}, "

@@ -11,16 +11,29 @@ three inputs into the same three outputs as our worker:
 least: decode (JSON or Avro), read the order row from RocksDB (rocksdict, one
 DB per input partition, like a Faust table), JSON-decode it, check the
 input's id against the ids the row applied, update it, JSON-encode it, write
-it back, Avro-encode the output event, and produce the output plus as many
-extra records as our worker produced per input in the same run (``mirror``:
-topic -> records per input, each record the row's JSON) so that both sides
-send the same number of records.  **raw-without-state** skips the row and
-the extra records: one output per input, the client's limit.
+it back, Avro-encode the output event, and produce the output.  Besides the
+output it produces, per input, as many records of each role as our worker
+did in the same run:
+
+- an **index update** (the order's summary as JSON, keyed by user id) to an
+  index topic the loop itself consumes (:class:`IndexHop`), as ours feeds its
+  user -> orders index agent.  For each index record it reads, the loop does
+  what ours' second agent does: a rocksdict get of the user's index row (one
+  DB per index-topic partition), JSON decode, merge of the summary (kept
+  unless a newer version of that order is there), JSON encode, put, and
+  produces the row as the **index-row changelog** record;
+- the records nobody consumes during the run (``mirror``: topic -> records
+  per input, each the order row's JSON), standing for ours' order-row and
+  deadline changelog records.
+
+**raw-without-state** skips the rows, the index hop and the extra records:
+one output per input, the client's limit.
 
 Both wait for the acks of everything a batch caused before committing that
-batch's offsets (the commit itself is not awaited before the next batch),
-i.e. at least once.  The producer uses the settings of the worker's producer
-(acks, linger, compression, batch size), read from the app's Faust config.
+batch's offsets, index-topic offsets included (the commit itself is not
+awaited before the next batch), i.e. at least once.  The producer uses the
+settings of the worker's producer (acks, linger, compression, batch size),
+read from the app's Faust config.
 """
 
 from __future__ import annotations
@@ -51,6 +64,16 @@ MAX_APPLIED = 64
 
 
 @dataclasses.dataclass(frozen=True)
+class IndexHop:
+    """The user -> orders index hop: updates the loop produces and consumes itself."""
+
+    topic: str  # where index updates go, and what the loop reads them back from
+    per_input: float  # index updates produced per input (ours' count / its inputs)
+    changelog: str  # where each merged index row goes, standing for ours' index-table changelog
+    per_update: float  # index-row changelog records per index update merged
+
+
+@dataclasses.dataclass(frozen=True)
 class RawSpec:
     settings: Settings  # topic prefix and group (app_id) of this loop
     state: bool
@@ -59,6 +82,7 @@ class RawSpec:
     producer: dict[str, Any]  # acks, linger_ms, compression, max_batch_size
     max_records: int
     mirror: tuple[tuple[str, float], ...] = ()  # (topic, records per input)
+    index: IndexHop | None = None  # only with state
 
     def topic(self, name: str) -> str:
         return self.settings.topic(name)
@@ -97,19 +121,24 @@ class Work:
                         for name in OUTPUTS}
         self.output_of = {spec.topic(name): spec.topic(out) for name, out in OUTPUTS.items()}
         self.intents = spec.topic("payment.intent.created")
-        self.dbs: dict[int, Any] = {}
+        self.dbs: dict[tuple[str, int], Any] = {}
         self.mirror = list(spec.mirror)
         self.owed = [0.0] * len(self.mirror)
-        self.handled = 0
+        self.index = spec.index if spec.state else None
+        self.index_owed = 0.0
+        self.index_rows_owed = 0.0
+        self.handled = 0  # inputs (the driver's records)
+        self.index_handled = 0  # index updates read back
 
-    def db(self, partition: int) -> Any:
-        db = self.dbs.get(partition)
+    def db(self, partition: int, table: str = "orders") -> Any:
+        """The rocksdict DB of ``table``'s ``partition`` (opened on first use)."""
+        db = self.dbs.get((table, partition))
         if db is None:
             from rocksdict import Options, Rdict
 
-            path = Path(self.spec.state_dir) / f"partition-{partition}"
+            path = Path(self.spec.state_dir) / f"{table}-partition-{partition}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            db = self.dbs[partition] = Rdict(str(path), Options(raw_mode=True))
+            db = self.dbs[table, partition] = Rdict(str(path), Options(raw_mode=True))
         return db
 
     def close(self) -> None:
@@ -140,6 +169,8 @@ class Work:
 
     def handle(self, topic: str, partition: int, key: bytes, value: bytes) -> list[tuple[str, bytes, bytes]]:
         """The records to produce for one input (none for a duplicate or an unknown order)."""
+        if self.index is not None and topic == self.index.topic:
+            return self.merge_index(partition, key, value)
         self.handled += 1
         now = time.time_ns() // 1_000_000
         if topic == self.commands:
@@ -199,10 +230,50 @@ class Work:
                 while self.owed[index] >= 1.0:
                     self.owed[index] -= 1.0
                     records.append((mirror_topic, key, encoded))
+            if self.index is not None:
+                self.index_owed += self.index.per_input
+                while self.index_owed >= 1.0:
+                    self.index_owed -= 1.0
+                    records.append(self.index_update(row))
+        return records
+
+    def index_update(self, row: dict[str, Any]) -> tuple[str, bytes, bytes]:
+        """The order's summary for the user's index row, keyed by user id (as ours sends it)."""
+        assert self.index is not None
+        summary = {"order_id": row["order_id"], "status": row["status"], "order_type": row["order_type"],
+                   "subscription_id": None, "total_amount": row["total_amount"],
+                   "currency": row["currency"], "created_at_ms": row["created_at_ms"]}
+        update = {"order": summary, "version": row["updated_at_ms"], "user_id": row["user_id"]}
+        return self.index.topic, row["user_id"].encode(), json.dumps(update, separators=(",", ":")).encode()
+
+    def merge_index(self, partition: int, key: bytes, value: bytes) -> list[tuple[str, bytes, bytes]]:
+        """One index update read back: merge it into the user's index row; the row's changelog record."""
+        assert self.index is not None
+        self.index_handled += 1
+        update = json.loads(value)
+        summary, version = update["order"], update["version"]
+        db = self.db(partition, "user-orders")
+        stored = db.get(key)
+        row = json.loads(stored) if stored is not None else {"orders": {}, "applied": []}
+        known = row["orders"].get(summary["order_id"])
+        if known is not None and known.get("version", 0) > version:
+            return []  # an older summary arriving late: the row stays, nothing to log
+        row["orders"][summary["order_id"]] = {**summary, "version": version}
+        encoded = json.dumps(row, separators=(",", ":")).encode()
+        db[key] = encoded
+        records = []
+        self.index_rows_owed += self.index.per_update
+        while self.index_rows_owed >= 1.0:
+            self.index_rows_owed -= 1.0
+            records.append((self.index.changelog, key, encoded))
         return records
 
     def input_topics(self) -> list[str]:
-        return [self.commands, *self.readers]
+        """What the loop consumes: the driver's three inputs, and its own index topic if it has one."""
+        return [self.commands, *self.readers, *([self.index.topic] if self.index is not None else [])]
+
+    def summary(self) -> dict[str, Any]:
+        return {"handled": self.handled, "index_handled": self.index_handled}
 
 
 async def _aiokafka_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
@@ -255,7 +326,7 @@ async def _aiokafka_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
         await consumer.stop()
         await client.stop()
         work.close()
-    return {"handled": work.handled, "batches": batches}
+    return {**work.summary(), "batches": batches}
 
 
 def _confluent_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
@@ -315,4 +386,4 @@ def _confluent_loop(spec: RawSpec, conn: Any, stop: Any) -> dict[str, Any]:
     finally:
         consumer.close()
         work.close()
-    return {"handled": work.handled, "batches": batches}
+    return {**work.summary(), "batches": batches}
