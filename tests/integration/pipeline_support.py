@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from confluent_kafka import OFFSET_END, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_END, Consumer, ConsumerGroupTopicPartitions, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -291,6 +292,28 @@ async def wait_consumed(app: Any, timeout: float = 45.0, rounds: int = 2) -> Non
                 await asyncio.sleep(0.3)
     finally:
         consumer.close()
+
+
+def group_lag(bootstrap: str, group: str, topics: Iterable[str] = ()) -> list[str]:
+    """What consumer group ``group`` has not committed yet, as ``"topic[p] committed/end"``.
+
+    Covers every partition the group has committed an offset for, and every
+    partition of ``topics`` (full names), committed or not; a partition that
+    holds no record is never behind.  For worker subprocesses, where
+    :func:`wait_consumed` (which needs the in-process app) cannot be used.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    [future] = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)]).values()
+    committed = {(tp.topic, tp.partition): tp.offset for tp in future.result(timeout=10).topic_partitions}
+    wanted = set(committed) | {(t, p) for t in topics for p in range(catalog.EVENT_PARTITIONS)}
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "test-watermarks"})
+    try:
+        ends = consumer.offsets_for_times(
+            [TopicPartition(t, p, OFFSET_END) for t, p in sorted(wanted)], timeout=10)
+    finally:
+        consumer.close()
+    return [f"{tp.topic}[{tp.partition}] {committed.get((tp.topic, tp.partition), -1)}/{tp.offset}"
+            for tp in ends if tp.offset > max(committed.get((tp.topic, tp.partition), 0), 0)]
 
 
 async def drain(reader: EventReader, timeout: float = 30.0) -> None:

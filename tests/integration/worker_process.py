@@ -9,6 +9,7 @@ order, which needs the partition assignment (before it, the API answers 503).
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,15 @@ class WorkerProcess:
             self.process.kill()
             self.process.wait(10)
         return self._reap()
+
+    def wipe_state(self) -> None:
+        """Delete the state directory, as a lost disk would (only while the worker is down).
+
+        The next start rebuilds its tables from the changelog topics.
+        """
+        if self.running:
+            raise RuntimeError(f"{self.name} is running: stop or kill it before wiping its state")
+        shutil.rmtree(self.state_dir, ignore_errors=True)
 
     def _reap(self) -> int | None:
         if self._log is not None:
