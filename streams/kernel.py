@@ -181,15 +181,17 @@ class Aggregate:
         agent_name: str,
         deadlines: str | None = None,
         services: Mapping[str, Service] | None = None,
-        batch_max: int = 1000,
-        batch_within: float = 0.01,
+        batch_max: int | None = None,
+        batch_within: float | None = None,
         max_backoff: float = 5.0,
     ) -> None:
         self.app = app
         self.flow = flow
         self.services = dict(services or {})
-        self.batch_max = batch_max
-        self.batch_within = batch_within
+        settings = app.settings
+        self.batch_max = batch_max if batch_max is not None else settings.batch_max
+        self.batch_within = (batch_within if batch_within is not None
+                             else settings.batch_within_ms / 1000)
         self.max_backoff = max_backoff
         self.replies = ReplyBook()
         # key_type=bytes gives the table the raw key serializer of the topics,

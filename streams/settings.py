@@ -44,6 +44,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "PAYSTREAM_INSTANCE_ID": ("instance_id", ""),
     "PAYSTREAM_SESSION_TIMEOUT_SECONDS": ("session_timeout_seconds", "10"),
     "PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS": ("heartbeat_interval_seconds", "1"),
+    "PAYSTREAM_BATCH_MAX": ("batch_max", "1000"),
+    "PAYSTREAM_BATCH_WITHIN_MS": ("batch_within_ms", "10"),
 }
 
 #: The broker's default ``group.min.session.timeout.ms``: a shorter session is
@@ -86,8 +88,16 @@ class Settings:
     instance_id: str
     session_timeout_seconds: float
     heartbeat_interval_seconds: float
+    #: Records one aggregate takes per batch, and how long it waits for more
+    #: before deciding a batch that is not full (streams.kernel).
+    batch_max: int
+    batch_within_ms: float
 
     def __post_init__(self) -> None:
+        if self.batch_max < 1 or self.batch_within_ms < 0:
+            raise ValueError(
+                f"PAYSTREAM_BATCH_MAX={self.batch_max} must be >= 1 and "
+                f"PAYSTREAM_BATCH_WITHIN_MS={self.batch_within_ms:g} >= 0")
         if self.rocksdb_memory_mb < 8:
             raise ValueError(
                 f"PAYSTREAM_ROCKSDB_MEMORY_MB={self.rocksdb_memory_mb} is too small (minimum 8)")

@@ -175,6 +175,9 @@ class EventTopic:
 
 
 class Settings:
+    batch_max = 1000
+    batch_within_ms = 10.0
+
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
