@@ -26,7 +26,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from mode import Service
 
-from streams import catalog
+from streams import catalog, faust_patches
 from streams.admin import ensure_topics
 from streams.codec import ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
@@ -69,39 +69,6 @@ QUIET_LOGGING: dict[str, Any] = {
     "merge": True,
     "loggers": {name: {"level": "WARNING"} for name in QUIET_LOGGERS},
 }
-
-#: How long the broker may hold a fetch that found nothing.  Faust hard-codes
-#: 1500 ms for aiokafka, and aiokafka keeps one fetch in flight per broker for
-#: the partitions without buffered records: records arriving meanwhile for a
-#: partition left out of that fetch waited up to 1.5 s (p99 latency per hop
-#: 1.5 s in ``paystream bench orders``).  A short wait costs an idle worker a
-#: few empty fetches a second.
-FETCH_MAX_WAIT_MS = 100
-
-
-def _shorten_fetch_wait() -> None:
-    """Make Faust's aiokafka consumer use :data:`FETCH_MAX_WAIT_MS` (once per process).
-
-    Faust passes ``fetch_max_wait_ms=1500`` to ``AIOKafkaConsumer`` in
-    ``AIOKafkaConsumerThread._create_worker_consumer`` (faust-streaming 0.15.3,
-    pinned <0.16); aiokafka reads ``_fetch_max_wait_ms`` when the consumer
-    starts, so it is set on the new consumer before that.
-    """
-    from faust.transport.drivers import aiokafka as driver
-
-    thread = driver.AIOKafkaConsumerThread
-    if getattr(thread, "_paystream_fetch_wait", None) == FETCH_MAX_WAIT_MS:
-        return
-    create = thread._create_worker_consumer
-
-    def create_worker_consumer(self: Any, transport: Any) -> Any:
-        consumer = create(self, transport)
-        consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
-        return consumer
-
-    thread._create_worker_consumer = create_worker_consumer
-    thread._paystream_fetch_wait = FETCH_MAX_WAIT_MS
-
 
 #: Functions that declare a domain's agents, tables and routes on an app.
 #: Each domain module in ``agents/`` adds itself here (see ``agents.register``).
@@ -237,7 +204,7 @@ def create_app(
     """Build the app; ``registrars`` default to every domain in ``agents``."""
     settings = settings or Settings.from_env()
     storage.configure_memory(settings.rocksdb_memory_mb)
-    _shorten_fetch_wait()
+    faust_patches.apply()
     options: dict[str, Any] = {
         "broker": settings.kafka_url,
         "store": storage.register(),
