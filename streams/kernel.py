@@ -29,14 +29,17 @@ One batch, in order
    the rows: ``deadline_of(before)`` and any deadline the timer handed over are
    cancelled unless still wanted, ``deadline_of(after)`` is scheduled.  An
    input the row already applied (a duplicate), or that changed nothing,
-   re-asserts the row's deadline (an idempotent put).  Table writes go to
-   Faust's producer buffer, bound to the partition of the record that caused
-   them.
+   re-asserts the row's deadline (an idempotent put); a duplicate also logs
+   the row again.  Writes go to the partition of the record that caused them
+   (:mod:`streams.table_io`): into its RocksDB database at once, and as
+   changelog records handed to the producer before step 6.
 5. **Answer** the requests waiting for these records (API commands).
 6. **Acknowledge** the records; Faust's commit loop flushes the producer
    (table changelogs included) *before* it commits offsets
    (``Consumer._commit_offsets``), so an offset is committed only once the
-   batch's state is durable.
+   batch's state is durable.  A record fetched under an older consumer
+   generation is never made committable (:mod:`streams.faust_patches`): after
+   a rebalance it is read again.
 
 What a SIGKILL does at each await
 ---------------------------------
@@ -56,8 +59,9 @@ What a SIGKILL does at each await
   published twice under new ids; the row is logged to its changelog again and
   its deadline re-asserted, so a row the local store kept but the changelog
   lost, or a row kept without its deadline, is whole again), and re-decides
-  rows that were not written, republishing the same ids.  A lost deadline cancel leaves
-  an entry whose hand-over the domain's timer step finds moot and clears.
+  rows that were not written, republishing the same ids.  A lost deadline
+  cancel leaves an entry whose hand-over the domain's timer step finds moot
+  and clears.
 - after the commit: nothing is replayed, and nothing needs to be.
 A requester that was waiting gets no answer (its connection is gone); it
 retries with its Idempotency-Key and is answered from the row.

@@ -10,57 +10,43 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-from streams.settings import ENVIRONMENT, Settings
+from streams.devtools.worker_process import WorkerSubprocess, settings_env
 
-#: The repository root: the subprocess runs there, so ``streams`` imports.
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that reproduce ``settings`` in another process."""
-    env = {}
-    for variable, (attribute, _default) in ENVIRONMENT.items():
-        value = getattr(settings, attribute)
-        env[variable] = str(value)
-    return env
+__all__ = ["WorkerProcess", "settings_env"]
 
 
-class WorkerProcess:
-    """One ``paystream worker`` subprocess.
+class WorkerProcess(WorkerSubprocess):
+    """One ``paystream worker`` subprocess, serving the order API on ``port``.
 
     ``settings_env`` are the paystream variables (see :func:`settings_env`);
     ``port`` and ``state_dir`` override WORKER_WEB_PORT and PAYSTREAM_STATE_DIR
     so several workers of one app can share a machine.
     """
 
+    failure = AssertionError
+
     def __init__(self, settings_env: Mapping[str, str], port: int, state_dir: Path | str,
                  *, log_path: Path | str | None = None, name: str = "worker") -> None:
         self.port = port
         self.state_dir = Path(state_dir)
-        self.name = name
-        self.log_path = Path(log_path) if log_path else self.state_dir.parent / f"{name}-{port}.log"
         self.url = f"http://127.0.0.1:{port}"
-        self.env = {
+        env = {
             **os.environ,
             **settings_env,
             "WORKER_WEB_HOST": "127.0.0.1",
             "WORKER_WEB_PORT": str(port),
             "PAYSTREAM_STATE_DIR": str(self.state_dir),
-            "PYTHONUNBUFFERED": "1",
         }
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        super().__init__(env, Path(log_path) if log_path else self.state_dir.parent / f"{name}-{port}.log",
+                         name=name, loglevel="info", wait_after_kill=10.0)
 
     # ------------------------------------------------------------------
 
@@ -69,18 +55,6 @@ class WorkerProcess:
         self.launch()
         self.wait_serving(timeout)
         return self
-
-    def launch(self) -> None:
-        """Start the subprocess without waiting for it."""
-        if self.process is not None and self.process.poll() is None:
-            raise RuntimeError(f"{self.name} is running already")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # closed in _reap
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--loglevel", "info"],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
     def wait_serving(self, timeout: float = 60.0) -> None:
         """Block until GET /orders/<unknown id> answers a JSON 404.
@@ -119,39 +93,6 @@ class WorkerProcess:
 
     # ------------------------------------------------------------------
 
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def assert_running(self) -> None:
-        if self.process is None:
-            raise AssertionError(f"{self.name} was never started")
-        code = self.process.poll()
-        if code is not None:
-            raise AssertionError(f"{self.name} exited with {code}\n{self.log_tail()}")
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL; return the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        return self._reap()
-
-    def kill(self) -> int | None:
-        """SIGKILL at once (a crash: nothing is flushed or committed)."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(10)
-        return self._reap()
-
     def wipe_state(self) -> None:
         """Delete the state directory, as a lost disk would (only while the worker is down).
 
@@ -160,24 +101,6 @@ class WorkerProcess:
         if self.running:
             raise RuntimeError(f"{self.name} is running: stop or kill it before wiping its state")
         shutil.rmtree(self.state_dir, ignore_errors=True)
-
-    def _reap(self) -> int | None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.process.returncode if self.process is not None else None
-
-    # ------------------------------------------------------------------
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        text = self.log_text().splitlines()[-lines:]
-        return f"--- {self.name} log ({self.log_path}) ---\n" + "\n".join(text)
 
     def error_lines(self) -> list[str]:
         """ERROR/CRITICAL log lines and tracebacks: a crashed agent only logs."""

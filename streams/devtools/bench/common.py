@@ -16,27 +16,22 @@ import math
 import os
 import platform
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from streams import catalog
-from streams.settings import ENVIRONMENT, Settings
+from streams.devtools.worker_process import WorkerSubprocess, settings_env
+from streams.settings import Settings
 
 PARTITIONS = catalog.EVENT_PARTITIONS
 ITEMS = [{"product_id": "sku-1", "quantity": 2, "unit_amount": 1250}]
 AMOUNT = 2500
 CURRENCY = "EUR"
-#: The repository root (``streams`` is importable from there).
-ROOT = Path(__file__).resolve().parents[3]
-
 
 class Stalled(RuntimeError):
     """A part made no progress for too long (a stuck worker, a dead-lettered input)."""
@@ -199,12 +194,6 @@ def create_part_topics(settings: Settings) -> None:
     prefix = settings.topic_prefix
     ensure_topics(settings.kafka_bootstrap_servers,
                   catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix))
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment variables that reproduce ``settings`` in another process."""
-    return {variable: str(getattr(settings, attribute))
-            for variable, (attribute, _default) in ENVIRONMENT.items()}
 
 
 # ----------------------------------------------------------------------
@@ -550,84 +539,19 @@ class Prober:
 # ``paystream worker`` as a subprocess
 
 
-class WorkerProcess:
+class WorkerProcess(WorkerSubprocess):
     """One ``paystream worker`` subprocess with the environment of ``settings``."""
+
+    failure = Stalled
 
     def __init__(self, settings: Settings, *, name: str = "worker", loglevel: str = "warning") -> None:
         self.settings = settings
-        self.name = name
-        self.loglevel = loglevel
-        self.log_path = Path(settings.state_dir).parent / f"{Path(settings.state_dir).name}-{name}.log"
-        self.env = {**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"}
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-
-    def launch(self) -> WorkerProcess:
-        if self.running:
-            raise RuntimeError(f"{self.name} is running already")
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # closed in _reap
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker", "--loglevel", self.loglevel],
-            cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        if self.process is None:
-            raise RuntimeError(f"{self.name} was never started")
-        return self.process.pid
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def assert_running(self) -> None:
-        if self.process is None:
-            raise Stalled(f"{self.name} was never started")
-        code = self.process.poll()
-        if code is not None:
-            raise Stalled(f"{self.name} exited with {code}\n{self.log_tail()}")
+        state = Path(settings.state_dir)
+        super().__init__({**os.environ, **settings_env(settings)},
+                         state.parent / f"{state.name}-{name}.log", name=name, loglevel=loglevel)
 
     def rss_kib(self) -> tuple[int, int]:
         return rss_kib(self.pid) if self.running else (0, 0)
-
-    def stop(self, timeout: float = 60.0) -> int | None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL; the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(30)
-        return self._reap()
-
-    def kill(self) -> int | None:
-        """SIGKILL at once: nothing is flushed or committed, the group is not left."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-        return self._reap()
-
-    def _reap(self) -> int | None:
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.process.returncode if self.process is not None else None
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except FileNotFoundError:
-            text = []
-        return f"--- {self.name} log ({self.log_path}) ---\n" + "\n".join(text)
 
 
 def start_worker(settings: Settings, prober: Prober, *, name: str = "worker",
