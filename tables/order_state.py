@@ -2,11 +2,12 @@
 every event and command does to it.
 
 Nothing here imports Faust, Kafka or aiohttp, so every rule of the order
-lifecycle is unit-tested without a broker (STYLE.md).  The order agent stays
-thin: it reads the row, calls one function of this module, and then writes the
-returned row, produces the returned emissions and updates its deadline index
-from the same :class:`Decision`, so state, outgoing events and timers cannot
-disagree.
+lifecycle is unit-tested without a broker (STYLE.md).  :func:`order_flow` is
+the flow table the kernel (:mod:`streams.kernel`) runs: for each input, its
+seed handler, its decision, the topics it may emit and its deadline effect.
+The kernel writes the returned row and publishes its emissions together, and
+derives the payment deadline from the row (:func:`deadline_of`), so state,
+outgoing events and timers cannot disagree.
 
 Idempotency lives in the row: :attr:`Order.applied_event_ids` holds the ids of
 the last events/commands applied, so the seen-id check and the state change it
@@ -22,12 +23,13 @@ and the enum symbols (order types, cancel reasons) come from the schemas too,
 so a contract change shows up here as a failing import or test, not as events
 the encoder rejects in production.
 
-Seed names (``seed/payment-order-architecture.md``, order service):
-``handle_payment_completed`` is :func:`on_payment_completed`,
-``handle_payment_failed`` is :func:`on_payment_failed`,
-``handle_payment_refunded`` is :func:`on_payment_refunded`; the handlers of
-``wallet.credits_added``, ``subscription.canceled`` and ``user.deleted`` issue
-the :func:`fulfill` and :func:`cancel` commands.
+Seed names (``seed/payment-order-architecture.md``, order service) are the
+``handler`` column of :func:`order_flow`: ``handle_payment_completed`` is
+:func:`on_payment_completed`, ``handle_payment_failed`` is
+:func:`on_payment_failed`, ``handle_payment_refunded`` is
+:func:`on_payment_refunded`; the handlers of ``wallet.credits_added``,
+``subscription.canceled`` and ``user.deleted`` (:mod:`tables.order_index`)
+issue the :func:`fulfill` and :func:`cancel` commands.
 """
 
 from __future__ import annotations
