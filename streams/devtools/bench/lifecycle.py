@@ -358,8 +358,8 @@ def differences(ours: Side | None, raw: Side | None, commit_interval: float) -> 
         "both consume their index updates and merge them into a user's index row (get, JSON decode, "
         "merge, encode, put, changelog record); ours in a second agent with its own stream, raw in the "
         "same consumer and loop as its inputs, its merge a plain dict update",
-        "ours writes or deletes a deadline key in its deadline table (RocksDB) with each deadline record "
-        "and runs the expiry timer; raw only produces the record",
+        "both put a deadline key in RocksDB when an order is created and delete it when it is paid; "
+        "ours also runs the expiry timer over them",
         f"ours commits offsets on Faust's timer (every {commit_interval:g} s) after the acks; raw commits "
         "each batch's offsets (inputs and index topic) right after that batch's acks, without waiting "
         "for the commit",

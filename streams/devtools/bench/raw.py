@@ -220,6 +220,14 @@ class Work:
             if row is not None:
                 row["status"], row["payment_id"] = "COMPLETED", cause["payment_intent_id"]
         records = [(out, key, self.encode(out, event))]
+        if row is not None and topic != self.intents:
+            # ours keeps a deadline key per pending order (8-byte big-endian ms + id):
+            # put when the order is created, deleted when it is paid
+            deadline_key = struct.pack(">Q", row["payment_deadline_ms"]) + key
+            if topic == self.commands:
+                self.db(partition, "deadlines")[deadline_key] = b"%d" % partition
+            else:
+                del self.db(partition, "deadlines")[deadline_key]
         if row is not None:
             row["updated_at_ms"] = now
             row["applied"] = [*row["applied"], cause_id][-MAX_APPLIED:]
