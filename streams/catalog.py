@@ -34,6 +34,11 @@ EVENT_PARTITIONS = 4
 #: into a rebuilt consumer; state that must outlive it lives in changelogs.
 EVENT_RETENTION_MS = 7 * 24 * 60 * 60 * 1000
 
+#: Retention of the raw Stripe events: a year.  They are the audit log of
+#: every webhook and the replay source of payment state; Stripe itself keeps
+#: events for 30 days only.
+STRIPE_EVENTS_RETENTION_MS = 365 * 24 * 60 * 60 * 1000
+
 #: Replication factor on the single-broker development cluster.
 DEV_REPLICATION_FACTOR = 1
 
@@ -230,6 +235,9 @@ class InternalTopicSpec:
     cleanup_policy: CleanupPolicy
     retention_ms: int
     description: str
+    #: The field that identifies a record, for idempotency (a Stripe event's
+    #: ``id``); None for our own records (commands carry ``command_id``).
+    id_field: str | None = None
 
     def settings(self, *, name_prefix: str = "",
                  replication_factor: int = DEV_REPLICATION_FACTOR) -> TopicSettings:
@@ -241,7 +249,11 @@ class InternalTopicSpec:
         )
 
 
+#: Stripe events exactly as Stripe signed them, written by the webhook ingress.
+STRIPE_EVENTS = "stripe.events"
 ORDER_COMMANDS = "paystream.order-commands"
+PAYMENT_COMMANDS = "paystream.payment-commands"
+USER_PAYMENT_INDEX = "paystream.user-payment-index"
 USER_ORDER_INDEX = "paystream.user-order-index"
 SUBSCRIPTION_ORDER_INDEX = "paystream.subscription-order-index"
 DEAD_LETTERS = "paystream.dead-letters"
@@ -250,6 +262,27 @@ DEAD_LETTERS = "paystream.dead-letters"
 INTERNAL_TOPICS: Mapping[str, InternalTopicSpec] = MappingProxyType({
     spec.name: spec
     for spec in (
+        InternalTopicSpec(
+            STRIPE_EVENTS, "the Stripe PaymentIntent the event is about, else its object's id",
+            EVENT_PARTITIONS, "delete", STRIPE_EVENTS_RETENTION_MS,
+            "Every Stripe webhook the ingress accepted, byte for byte as Stripe signed it, with "
+            "the Stripe event id, type, api version and account in headers: the audit log of "
+            "what Stripe said and the source a payment state is rebuilt from. Read by the "
+            "payment agent (handle_stripe_webhook).",
+            id_field="id",
+        ),
+        InternalTopicSpec(
+            PAYMENT_COMMANDS, "order_id (the payment's key)", EVENT_PARTITIONS, "delete",
+            EVENT_RETENTION_MS,
+            "Commands for one payment: refunds from the API, Stripe facts re-keyed from "
+            "stripe.events, retries after a wallet top-up; read by the payment agent with "
+            "order.*.",
+        ),
+        InternalTopicSpec(
+            USER_PAYMENT_INDEX, "user_id", EVENT_PARTITIONS, "delete", EVENT_RETENTION_MS,
+            "Repartition of retryable payments by user_id, feeding the user -> payments index "
+            "that wallet.balance_changed retries.",
+        ),
         InternalTopicSpec(
             ORDER_COMMANDS, "order_id", EVENT_PARTITIONS, "delete", EVENT_RETENTION_MS,
             "Commands for one order (create, cancel, fulfill, update, expire) from the API, "
@@ -279,6 +312,12 @@ INTERNAL_TOPICS: Mapping[str, InternalTopicSpec] = MappingProxyType({
 def internal_topic_settings(name_prefix: str = "") -> list[TopicSettings]:
     """Creation settings of the internal topics (the event topics' are :func:`topic_settings`)."""
     return [spec.settings(name_prefix=name_prefix) for spec in INTERNAL_TOPICS.values()]
+
+
+def id_field(name: str) -> str:
+    """The field that identifies a record of topic ``name`` (events: ``event_id``)."""
+    internal = INTERNAL_TOPICS.get(name)
+    return (internal.id_field if internal is not None else None) or "event_id"
 
 
 def topic_spec(name: str) -> TopicSpec:

@@ -103,7 +103,15 @@ Service = Callable[[Call], Awaitable[Any]]
 
 
 class CallRefused(Exception):
-    """A service's definitive refusal of a call (e.g. a declined card)."""
+    """A service's definitive refusal of a call (e.g. a declined card).
+
+    ``code`` is the service's machine-readable reason ("card_declined",
+    "insufficient_funds"), handed to the decision as :attr:`Outcome.code`.
+    """
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 #: Errors after which the same batch may well go through if tried again.
@@ -206,6 +214,9 @@ class Aggregate:
         self.rows = TableIO(app, self.table)
         self.names = {app.settings.topic(name): name for name in flow.topics}
         self.decoder = Decoder(app, self.names)
+        #: The field that identifies an input record: an event's ``event_id``,
+        #: or what a foreign raw topic declares (a Stripe event's ``id``).
+        self.id_fields = {name: catalog.id_field(name) for name in flow.topics}
         self.dead_letter_topic = app.settings.topic(catalog.DEAD_LETTERS)
         self.deadlines: Deadlines | None = None
         if deadlines is not None:
@@ -321,7 +332,7 @@ class Aggregate:
                     raise aggregate.Invalid("command without a command_id")
                 cause = {"event_id": input_id, "correlation_id": record.get("correlation_id")}
             else:  # an event (its id is its cause id), or an internal record such as an index update
-                input_id = str(record.get("event_id")
+                input_id = str(record.get(self.id_fields[topic])
                                or f"{message.topic}/{message.partition}/{message.offset}")
                 body, cause = record, {**record, "event_id": input_id}
             step = self.flow.step(topic, body)
@@ -422,7 +433,8 @@ class Aggregate:
                 emission.topic, emission.payload, producer=self.flow.producer, cause=record.cause,
                 check=False,
                 now_ms=emission.occurred_at if emission.occurred_at is not None else now,
-                event_id=aggregate.derived_id(record.input_id, emission.topic, emission.discriminator),
+                event_id=emission.event_id or aggregate.derived_id(
+                    record.input_id, emission.topic, emission.discriminator),
             )
             out.append(self._event_record(event))
         for send in decision.send:
@@ -465,7 +477,7 @@ class Aggregate:
             try:
                 return call.idempotency_key, Outcome(value=await service(call))
             except CallRefused as refused:
-                return call.idempotency_key, Outcome(refused=str(refused))
+                return call.idempotency_key, Outcome(refused=str(refused), code=refused.code)
 
         return dict(await asyncio.gather(*(one(c) for c in calls)))
 

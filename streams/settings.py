@@ -31,6 +31,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "STRIPE_API_KEY": ("stripe_api_key", "sk_test_local"),
     "STRIPE_API_BASE": ("stripe_api_base", "http://localhost:8420"),
     "STRIPE_WEBHOOK_SECRET": ("stripe_webhook_secret", "whsec_local"),
+    "STRIPE_MAX_NETWORK_RETRIES": ("stripe_max_network_retries", "2"),
+    "STRIPE_TIMEOUT_SECONDS": ("stripe_timeout_seconds", "20"),
+    "INGRESS_MAX_BODY_BYTES": ("ingress_max_body_bytes", "524288"),
     "ORDER_PAYMENT_WINDOW_SECONDS": ("order_payment_window_seconds", "1800"),
     "ACCOUNT_SERVICE_URL": ("account_service_url", "http://localhost:8101"),
     "WALLET_SERVICE_URL": ("wallet_service_url", "http://localhost:8102"),
@@ -71,7 +74,16 @@ class Settings:
     ingress_port: int
     stripe_api_key: str = field(repr=False)
     stripe_api_base: str
+    #: One secret, or several separated by commas while one is rotated out:
+    #: a webhook signed with any of them is accepted (:attr:`stripe_webhook_secrets`).
     stripe_webhook_secret: str = field(repr=False)
+    #: Retries the stripe library makes itself (with Stripe's idempotency
+    #: keys, so a retried call is not a second charge) before the kernel's
+    #: batch retry takes over.
+    stripe_max_network_retries: int
+    stripe_timeout_seconds: float
+    #: Largest webhook body the ingress reads (413 above it).
+    ingress_max_body_bytes: int
     order_payment_window_seconds: float
     account_service_url: str
     wallet_service_url: str
@@ -145,6 +157,11 @@ class Settings:
         once, without waiting for its old session to expire.
         """
         return self.instance_id or f"{socket.gethostname()}-{self.worker_web_port}"
+
+    @property
+    def stripe_webhook_secrets(self) -> tuple[str, ...]:
+        """Every webhook signing secret in force (``STRIPE_WEBHOOK_SECRET``, comma-separated)."""
+        return tuple(s.strip() for s in self.stripe_webhook_secret.split(",") if s.strip())
 
     @property
     def kafka_url(self) -> str:

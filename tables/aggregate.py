@@ -88,6 +88,11 @@ class Emission:
     payload: dict[str, Any]
     discriminator: str = ""
     occurred_at: int | None = None  # the fact's own time; default: the batch's time
+    #: The event id when the fact has an identity of its own outside the input
+    #: (a Stripe PaymentIntent or refund id, via :func:`derived_id`): two
+    #: inputs reporting the same fact (our call's answer and Stripe's webhook)
+    #: then publish it under one id.
+    event_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +130,7 @@ class Outcome:
 
     value: Any = None
     refused: str | None = None
+    code: str | None = None  # the service's machine-readable reason (e.g. "card_declined")
 
     @property
     def ok(self) -> bool:
