@@ -163,3 +163,57 @@ def _common_leading_fields() -> tuple[str, ...]:
 
 #: The envelope: names of the fields that open every contract, in order.
 ENVELOPE_FIELDS: tuple[str, ...] = _common_leading_fields()
+
+
+@cache
+def _payload_spec(topic: str) -> tuple[tuple[str, bool, Any], ...]:
+    return tuple(
+        (spec["name"], "default" in spec, spec.get("default"))
+        for spec in _loaded(topic)["fields"][len(ENVELOPE_FIELDS):]
+    )
+
+
+def payload(topic: str, **values: Any) -> dict[str, Any]:
+    """Exactly the business fields of ``topic``: the values given, else the contract's defaults.
+
+    How a decision builds the payload of an event without restating its
+    contract.  A field the contract lacks, or a required one not given, is a
+    bug in the caller (a contract changed under it), not bad input, hence
+    RuntimeError: it must fail the tests rather than be dead-lettered as a
+    business error.
+    """
+    spec = _payload_spec(topic)
+    unknown = sorted(set(values) - {name for name, _, _ in spec})
+    if unknown:
+        raise RuntimeError(f"{topic}: contract has no field(s) {', '.join(unknown)}")
+    result: dict[str, Any] = {}
+    for name, has_default, default in spec:
+        if name in values:
+            result[name] = values[name]
+        elif has_default:
+            result[name] = copy.deepcopy(default)
+        else:
+            raise RuntimeError(f"{topic}: required field {name!r} not given")
+    return result
+
+
+def field_type(topic: str, name: str) -> Any:
+    """The Avro type of ``topic``'s top-level field ``name`` (a copy); LookupError if none."""
+    for spec in _loaded(topic)["fields"]:
+        if spec["name"] == name:
+            return copy.deepcopy(spec["type"])
+    raise LookupError(f"contract {topic} has no field {name!r}")
+
+
+def named_type(topic: str, name: str, kind: str) -> dict[str, Any]:
+    """The inline Avro ``kind`` (enum, array, record) of field ``name``, also inside a union."""
+    type_ = field_type(topic, name)
+    for branch in type_ if isinstance(type_, list) else [type_]:
+        if isinstance(branch, dict) and branch.get("type") == kind:
+            return branch
+    raise LookupError(f"{topic}.{name}: expected an inline Avro {kind}, found {type_!r}")
+
+
+def enum_symbols(topic: str, name: str) -> tuple[str, ...]:
+    """The symbols of the enum field ``name`` of ``topic``, in contract order."""
+    return tuple(named_type(topic, name, "enum")["symbols"])

@@ -18,7 +18,7 @@ are recognised by their business key (PaymentIntent, payment, refund id) and
 answered with a no-op :class:`Decision` rather than an error.
 
 Contracts are not restated: the payload of every emission is built from the
-non-envelope fields of its topic's ``.avsc`` (:func:`schemas.contracts.schema_dict`)
+non-envelope fields of its topic's ``.avsc`` (:func:`schemas.contracts.payload`)
 and the enum symbols (order types, cancel reasons) come from the schemas too,
 so a contract change shows up here as a failing import or test, not as events
 the encoder rejects in production.
@@ -42,12 +42,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from fastavro import parse_schema
 from fastavro.validation import validate
 
-from schemas.contracts import ENVELOPE_FIELDS, schema_dict
+from schemas import contracts
 from streams.catalog import ORDER_COMMANDS, ORDER_SERVICE, SUBSCRIPTION_ORDER_INDEX, USER_ORDER_INDEX
 from tables import aggregate
 from tables.aggregate import (
@@ -153,22 +153,7 @@ EMITTED_TOPICS: tuple[str, ...] = (
 # fails loudly here instead of producing events the encoder rejects.
 
 
-def _field_schema(topic: str, name: str) -> Any:
-    for spec in schema_dict(topic)["fields"]:
-        if spec["name"] == name:
-            return spec["type"]
-    raise LookupError(f"contract {topic} has no field {name!r}; tables/order_state.py needs it")
-
-
-def _named_branch(type_: Any, kind: str) -> dict[str, Any]:
-    branches = type_ if isinstance(type_, list) else [type_]
-    for branch in branches:
-        if isinstance(branch, dict) and branch.get("type") == kind:
-            return branch
-    raise LookupError(f"expected an inline Avro {kind}, found {type_!r}")
-
-
-_ORDER_TYPE_ENUM = _named_branch(_field_schema(ORDER_CREATED, "order_type"), "enum")
+_ORDER_TYPE_ENUM = contracts.named_type(ORDER_CREATED, "order_type", "enum")
 
 #: Order types a producer may write.  The enum's default is the reader-side
 #: fallback for symbols added later ("producers never write it", says the
@@ -176,9 +161,7 @@ _ORDER_TYPE_ENUM = _named_branch(_field_schema(ORDER_CREATED, "order_type"), "en
 ORDER_TYPES: frozenset[str] = frozenset(_ORDER_TYPE_ENUM["symbols"]) - {_ORDER_TYPE_ENUM.get("default")}
 
 #: Reasons an order.canceled may carry (all symbols: OTHER is a real reason too).
-CANCEL_REASONS: frozenset[str] = frozenset(
-    _named_branch(_field_schema(ORDER_CANCELED, "reason"), "enum")["symbols"]
-)
+CANCEL_REASONS: frozenset[str] = frozenset(contracts.enum_symbols(ORDER_CANCELED, "reason"))
 
 
 def _cancel_reason(symbol: str) -> str:
@@ -190,54 +173,15 @@ def _cancel_reason(symbol: str) -> str:
 REASON_USER_REQUESTED = _cancel_reason("USER_REQUESTED")
 REASON_PAYMENT_FAILED = _cancel_reason("PAYMENT_FAILED")
 
-_ITEM_RECORD = _named_branch(_field_schema(ORDER_CREATED, "items"), "array")["items"]
+_ITEM_RECORD = contracts.named_type(ORDER_CREATED, "items", "array")["items"]
 _ITEM_SCHEMA = parse_schema(copy.deepcopy(_ITEM_RECORD))
 #: Fields of one order line (OrderItem), in contract order, with their defaults.
 _ITEM_FIELDS: tuple[tuple[str, bool, Any], ...] = tuple(
     (spec["name"], "default" in spec, spec.get("default")) for spec in _ITEM_RECORD["fields"]
 )
 
-
-class _PayloadField(NamedTuple):
-    name: str
-    has_default: bool
-    default: Any
-
-
-def _payload_spec(topic: str) -> tuple[_PayloadField, ...]:
-    envelope = set(ENVELOPE_FIELDS)
-    return tuple(
-        _PayloadField(spec["name"], "default" in spec, spec.get("default"))
-        for spec in schema_dict(topic)["fields"]
-        if spec["name"] not in envelope
-    )
-
-
-_PAYLOAD_SPECS: Mapping[str, tuple[_PayloadField, ...]] = MappingProxyType(
-    {topic: _payload_spec(topic) for topic in EMITTED_TOPICS}
-)
-
-
-def _payload(topic: str, **values: Any) -> dict[str, Any]:
-    """Exactly the non-envelope fields of ``topic``: given values, else schema defaults.
-
-    A field the contract lacks, or a required one not given, is a bug in this
-    module (a contract changed under it), not bad input, hence RuntimeError:
-    it must fail the tests rather than be dead-lettered as a business error.
-    """
-    spec = _PAYLOAD_SPECS[topic]
-    unknown = sorted(set(values) - {f.name for f in spec})
-    if unknown:
-        raise RuntimeError(f"{topic}: contract has no field(s) {', '.join(unknown)}")
-    payload: dict[str, Any] = {}
-    for f in spec:
-        if f.name in values:
-            payload[f.name] = values[f.name]
-        elif f.has_default:
-            payload[f.name] = copy.deepcopy(f.default)
-        else:
-            raise RuntimeError(f"{topic}: required field {f.name!r} not filled by order_state")
-    return payload
+#: An event payload built from its contract (:func:`schemas.contracts.payload`).
+_payload = contracts.payload
 
 
 # --------------------------------------------------------------------------

@@ -346,3 +346,19 @@ def test_unknown_contract(call: Any) -> None:
 def test_a_path_is_not_a_topic() -> None:
     with pytest.raises(UnknownContract):
         schema_dict("../contracts")
+
+
+def test_payload_fills_defaults_and_refuses_what_the_contract_lacks() -> None:
+    from schemas.contracts import enum_symbols, payload
+
+    built = payload("payment.failed", payment_intent_id="pi_1", user_id="u", amount=5,
+                    currency="EUR", error_message="declined")
+    assert built["order_id"] is None and built["error_code"] is None  # the contract's defaults
+    assert list(built) == [n for n in field_names("payment.failed")[7:]]
+    with pytest.raises(RuntimeError, match="no field"):
+        payload("payment.failed", nope=1)
+    with pytest.raises(RuntimeError, match="required field 'user_id'"):
+        payload("payment.failed", payment_intent_id="pi_1")
+    assert "REQUESTED_BY_CUSTOMER" in enum_symbols("payment.refunded", "reason")
+    with pytest.raises(LookupError):
+        enum_symbols("payment.refunded", "amount")
