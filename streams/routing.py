@@ -78,15 +78,18 @@ class Router(Service):
         here = URL(str(self.app.conf.canonical_url))
         if (owner.host, owner.port) == (here.host, here.port):
             return None
-        if request.headers.get(ROUTED_HEADER):
-            # Routed here already but we are not the owner: the assignment moved
-            # between the two hops.  Refuse rather than bounce between workers.
+        routed = [t for t in request.headers.get(ROUTED_HEADER, "").split(",") if t]
+        if table.name in routed:
+            # Routed here for this table already but we are not the owner: the
+            # assignment moved between the two hops.  Refuse rather than bounce
+            # between workers.  (A request may be routed once per table: a payment
+            # looked up by its intent hops to the intent's owner, then the order's.)
             raise NotOwnerYet(f"{table.name}[{key!r}] moved while the request was routed")
         if self._session is None:
             raise NotOwnerYet("this worker is not serving yet")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
         headers.update(extra_headers or {})
-        headers[ROUTED_HEADER] = "1"
+        headers[ROUTED_HEADER] = ",".join([*routed, table.name])
         target = request.url.with_scheme(owner.scheme or "http").with_host(owner.host).with_port(owner.port)
         body = await request.read()
         try:

@@ -28,15 +28,9 @@ from streams.catalog import (
     SUBSCRIPTION_ORDER_INDEX,
     USER_ORDER_INDEX,
 )
-from tables import aggregate
-from tables.aggregate import DUPLICATE, NOOP, Decision, Flow, Invalid, Send, Step
+from tables import aggregate, summary_index
+from tables.aggregate import DUPLICATE, Decision, Flow, Invalid, Send, Step
 from tables.order_state import OPEN_STATUSES, OrderStatus
-
-#: How many applied inbound event ids an index row remembers.  A user or a
-#: subscription sees few such events; a redelivery older than this window is
-#: still harmless, because the commands it would re-send carry derived ids
-#: the order rows have applied.
-MAX_APPLIED = 128
 
 #: The currency of a zero-amount (metered) subscription order whose
 #: subscription.created names none: an order needs one, and no money is at
@@ -45,51 +39,12 @@ METERED_ORDER_CURRENCY = "USD"
 
 
 # --------------------------------------------------------------------------
-# The row: {"orders": {order_id: summary + version}, "applied": [event ids]}
+# The row: tables.summary_index ({"orders": {order_id: summary + version}, "applied": [...]})
 
-
-def load(stored: Mapping[str, Any]) -> dict[str, Any]:
-    return {"orders": dict(stored.get("orders") or {}), "applied": list(stored.get("applied") or [])}
-
-
-def dump(row: dict[str, Any]) -> dict[str, Any]:
-    return row
-
-
-def _row(row: dict[str, Any] | None) -> dict[str, Any]:
-    return row if row is not None else {"orders": {}, "applied": []}
-
-
-def orders_of(row: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The order summaries of an index row, oldest first."""
-    summaries = (_row(row)["orders"]).values()
-    return sorted(summaries, key=lambda s: (s.get("created_at_ms") or 0, s["order_id"]))
-
-
-def _applied(row: dict[str, Any] | None, event_id: str) -> dict[str, Any]:
-    """A copy of ``row`` that remembers ``event_id``."""
-    current = _row(row)
-    return {"orders": dict(current["orders"]),
-            "applied": [*current["applied"], event_id][-MAX_APPLIED:]}
-
-
-def _seen(row: dict[str, Any] | None, event: Mapping[str, Any]) -> bool:
-    return row is not None and event["event_id"] in row["applied"]
-
-
-def merge(row: dict[str, Any] | None, update: Mapping[str, Any], now_ms: int) -> Decision:
-    """An order's new summary: kept unless a newer one of the same order is there."""
-    summary = update.get("order")
-    version = update.get("version")
-    if not isinstance(summary, Mapping) or not isinstance(summary.get("order_id"), str) \
-            or not isinstance(version, int):
-        raise Invalid("index update must carry an order summary and an integer version")
-    current = _row(row)
-    known = current["orders"].get(summary["order_id"])
-    if known is not None and known.get("version", 0) > version:
-        return NOOP  # an older summary arriving late
-    orders = {**current["orders"], summary["order_id"]: {**summary, "version": version}}
-    return Decision(row={"orders": orders, "applied": list(current["applied"])})
+load, dump, merge = summary_index.load, summary_index.dump, summary_index.merge
+orders_of = summary_index.summaries
+_applied, _seen = summary_index.applied, summary_index.seen
+MAX_APPLIED = summary_index.MAX_APPLIED
 
 
 def _commands(

@@ -468,7 +468,7 @@ async def test_an_unreachable_owner_answers_503_with_retry_after(
         unavailable(await client.request(method, path, **request))
     # A request another worker routed here, for a key this one does not own
     # (the assignment moved between the hops): 503, not a second hop.
-    unavailable(await client.get(f"/orders/{order_id}", headers={"X-Paystream-Routed": "1"}))
+    unavailable(await client.get(f"/orders/{order_id}", headers={"X-Paystream-Routed": "orders"}))
 
     def unassigned(table: str, key: Any) -> URL:
         raise KeyError(key)  # what faust raises before the partition has an owner

@@ -22,6 +22,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaTimeoutError
 
 from agents import orders_api
 from agents.orders_api import BadRequest, OrderApi
+from streams import aggregate_api
 from streams.routing import NotOwnerYet, ReplyBook
 from tables import order_state
 from tables.aggregate import Conflict, IdempotencyKeyReused, Invalid, NotFound
@@ -35,6 +36,7 @@ class Orders:
     def __init__(self, answer: Callable[[ReplyBook, dict[str, Any]], None] | None = None,
                  error: BaseException | None = None) -> None:
         self.table = SimpleNamespace(name="orders")
+        self.flow = SimpleNamespace(name="orders", key_field="order_id")
         self.replies = ReplyBook()
         self.answer = answer
         self.error = error
@@ -180,7 +182,7 @@ async def test_a_command_answered_without_an_order_is_not_found() -> None:
 
 
 async def test_no_answer_in_time_is_504_with_the_command_id(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(orders_api, "COMMAND_TIMEOUT", 0.01)
+    monkeypatch.setattr(aggregate_api, "COMMAND_TIMEOUT", 0.01)
     orders = Orders()  # sent, never answered
     handler = api(orders)
     record = handler._command("cancel", ORDER_ID, request(key="k"), {})
