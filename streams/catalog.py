@@ -254,6 +254,7 @@ STRIPE_EVENTS = "stripe.events"
 ORDER_COMMANDS = "paystream.order-commands"
 PAYMENT_COMMANDS = "paystream.payment-commands"
 USER_PAYMENT_INDEX = "paystream.user-payment-index"
+PAYMENT_INTENT_LINKS = "paystream.payment-intent-links"
 USER_ORDER_INDEX = "paystream.user-order-index"
 SUBSCRIPTION_ORDER_INDEX = "paystream.subscription-order-index"
 DEAD_LETTERS = "paystream.dead-letters"
@@ -277,6 +278,12 @@ INTERNAL_TOPICS: Mapping[str, InternalTopicSpec] = MappingProxyType({
             "Commands for one payment: refunds from the API, Stripe facts re-keyed from "
             "stripe.events, retries after a wallet top-up; read by the payment agent with "
             "order.*.",
+        ),
+        InternalTopicSpec(
+            PAYMENT_INTENT_LINKS, "payment_intent_id", EVENT_PARTITIONS, "delete",
+            EVENT_RETENTION_MS,
+            "The order (and user) of each PaymentIntent paystream opens, for the intent "
+            "index that re-keys Stripe's webhooks to their payment.",
         ),
         InternalTopicSpec(
             USER_PAYMENT_INDEX, "user_id", EVENT_PARTITIONS, "delete", EVENT_RETENTION_MS,

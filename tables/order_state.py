@@ -60,6 +60,7 @@ from tables.aggregate import (
     Send,
     Step,
 )
+from tables.payment_state import RETRYABLE_FAILURES
 
 
 class OrderStatus(StrEnum):
@@ -272,6 +273,7 @@ class Order:
     refund_ids: list[str] = field(default_factory=list)
     cancel_reason: str | None = None
     cancel_detail: str | None = None
+    payment_error: str | None = None  # the last failed attempt's error, while a retry may pay
     fulfillment_details: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
     completed_at_ms: int | None = None
@@ -324,6 +326,7 @@ class Order:
             refund_ids=list(data.get("refund_ids") or []),
             cancel_reason=data.get("cancel_reason"),
             cancel_detail=data.get("cancel_detail"),
+            payment_error=data.get("payment_error"),
             fulfillment_details=dict(data.get("fulfillment_details") or {}),
             metadata=dict(data.get("metadata") or {}),
             completed_at_ms=_optional_int(data.get("completed_at_ms")),
@@ -776,6 +779,11 @@ def on_payment_completed(order: Order | None, event: Mapping[str, Any], now_ms: 
 def on_payment_failed(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
     """payment.failed (seed: ``handle_payment_failed``): CANCELED, reason PAYMENT_FAILED.
 
+    Except a failure for want of funds (:data:`tables.payment_state.RETRYABLE_FAILURES`):
+    the payment service retries it when the payer's balance rises
+    (``handle_wallet_balance_changed``), so the order stays PAYMENT_PENDING
+    with the error as ``payment_error`` and its payment window running.
+
     The Stripe error (code and message) is kept as ``cancel_detail`` for
     support and the order view.  A failure of the order's own intent once the
     order is no longer open is moot (Stripe webhooks arrive out of order: a
@@ -806,6 +814,10 @@ def on_payment_failed(order: Order | None, event: Mapping[str, Any], now_ms: int
             f"PaymentIntent {intent_id} is not the order's {current.payment_intent_id}",
         )
     detail = f"{code}: {message}" if code else message
+    if code in RETRYABLE_FAILURES:
+        updated = _evolve(current, event_id, now_ms, status=OrderStatus.PAYMENT_PENDING,
+                          payment_intent_id=intent_id, payment_error=detail or None)
+        return Decision(row=updated)
     updated = _evolve(
         current,
         event_id,
