@@ -201,7 +201,7 @@ def create_app(
     registrars: list[Registrar] | None = None,
     **faust_options: Any,
 ) -> PaystreamApp:
-    """Build the app; ``registrars`` default to every domain in ``agents``."""
+    """Build the app; ``registrars`` default to the domains the settings name."""
     settings = settings or Settings.from_env()
     storage.configure_memory(settings.rocksdb_memory_mb)
     faust_patches.apply()
@@ -251,9 +251,9 @@ def create_app(
         for name, spec in catalog.CATALOG.items()
     }
     if registrars is None:
-        from agents import REGISTRARS
+        from agents import registrars_for
 
-        registrars = list(REGISTRARS)
+        registrars = registrars_for(settings.domain_names)
     for register in registrars:
         register(app)
     for table in app.tables.values():

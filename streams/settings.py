@@ -23,6 +23,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SCHEMA_REGISTRY_TOPIC": ("registry_topic", "_schemas"),
     "PAYSTREAM_APP_ID": ("app_id", "paystream"),
     "PAYSTREAM_TOPIC_PREFIX": ("topic_prefix", ""),
+    "PAYSTREAM_DOMAINS": ("domains", "orders,payments"),
     "PAYSTREAM_STATE_DIR": ("state_dir", ".paystream"),
     "WORKER_WEB_HOST": ("worker_web_host", "127.0.0.1"),
     "WORKER_WEB_PORT": ("worker_web_port", "6066"),
@@ -67,6 +68,10 @@ class Settings:
     registry_topic: str
     app_id: str
     topic_prefix: str
+    #: The domains (``agents.DOMAINS``) this worker runs, comma-separated: all
+    #: of them by default; the seed's order and payment services can also run
+    #: as separate worker groups (each with its own PAYSTREAM_APP_ID).
+    domains: str
     state_dir: Path
     worker_web_host: str
     worker_web_port: int
@@ -157,6 +162,11 @@ class Settings:
         once, without waiting for its old session to expire.
         """
         return self.instance_id or f"{socket.gethostname()}-{self.worker_web_port}"
+
+    @property
+    def domain_names(self) -> tuple[str, ...]:
+        """The domains of ``PAYSTREAM_DOMAINS``, in the order given."""
+        return tuple(d.strip() for d in self.domains.split(",") if d.strip())
 
     @property
     def stripe_webhook_secrets(self) -> tuple[str, ...]:

@@ -57,6 +57,7 @@ def app_settings(
         schema_registry_url=registry_url,
         topic_prefix=prefix,
         app_id=f"{prefix}paystream",
+        domains="orders",  # the order pipeline alone; payment tests add "payments"
         state_dir=tmp_path / "state",
         worker_web_port=_free_port(),
     )

@@ -191,6 +191,7 @@ def private_settings(kafka_bootstrap: str, registry_url: str, state_dir: Path, n
         schema_registry_url=registry_url,
         topic_prefix=prefix,
         app_id=f"{prefix}paystream",
+        domains="orders",  # the order pipeline alone; payment tests add "payments"
         state_dir=state_dir,
         worker_web_port=free_port(),
     )

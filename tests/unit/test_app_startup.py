@@ -97,3 +97,12 @@ def test_other_errors_are_raised_at_once() -> None:
     with pytest.raises(SchemaRegistryError):
         asyncio.run(retry_until_reachable("the registry", attempt,
                                           reachability_error=_registry_unreachable))
+
+
+def test_domains_choose_the_registrars() -> None:
+    from agents import DOMAINS, REGISTRARS, registrars_for
+
+    assert registrars_for(["orders"]) == DOMAINS["orders"]
+    assert registrars_for(["orders", "payments"]) == REGISTRARS
+    with pytest.raises(ValueError, match="unknown domain 'billing'"):
+        registrars_for(["billing"])
