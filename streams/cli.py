@@ -67,6 +67,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, loglevel=args.loglevel)
 
 
+def _ingress(args: argparse.Namespace, settings: Settings) -> int:
+    from connectors.stripe_ingress import run
+
+    run(settings)
+    return 0
+
+
 def _bench(args: argparse.Namespace, settings: Settings) -> int:
     if args.target == "codec":
         from streams.devtools.bench.codec import run_codec
@@ -110,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="start a Faust worker with every agent")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(handler=_worker)
+
+    ingress = commands.add_parser(
+        "ingress", help="serve the Stripe webhook ingress (signed webhooks -> the stripe.events topic)")
+    ingress.set_defaults(handler=_ingress)
 
     bench = commands.add_parser(
         "bench", help="measure a path against raw-client baselines in the same run",
