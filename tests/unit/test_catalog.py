@@ -242,3 +242,9 @@ def test_catalog_module_spells_each_topic_once() -> None:
     for name in CATALOG:
         assert source.count(f'"{name}"') == 1, name
     assert isinstance(CATALOG["order.created"], TopicSpec)
+
+
+def test_a_records_idempotency_id_field() -> None:
+    assert catalog.id_field("stripe.events") == "id"  # a Stripe event's own id
+    assert catalog.id_field("order.created") == "event_id"
+    assert catalog.id_field(catalog.PAYMENT_COMMANDS) == "event_id"

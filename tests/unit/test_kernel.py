@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import json
 import struct
 import time
@@ -405,7 +406,7 @@ def charge(row: dict[str, Any] | None, message: Mapping[str, Any], now_ms: int,
     outcome = outcomes[aggregate.derived_id(message["command_id"], "charge")]
     amount = message["amount"] if outcome.ok else 0
     current = _counter(row)
-    answer = outcome.value if outcome.ok else f"refused: {outcome.refused}"
+    answer = outcome.value if outcome.ok else f"refused ({outcome.code}): {outcome.refused}"
     after = _advance(row, message["command_id"], amount, charges=[*current["charges"], answer])
     return Decision(row=after, emit=(_balance(message["user_id"], after["count"], amount),))
 
@@ -598,6 +599,20 @@ async def test_an_input_emitting_one_topic_twice_gets_two_stable_ids(rig: Rig) -
     ids = [e["event_id"] for e in rig.app.events(BALANCE)]
     cause = command_id_of(event)
     assert ids == [aggregate.derived_id(cause, BALANCE, "a"), aggregate.derived_id(cause, BALANCE, "b")]
+
+
+async def test_an_emission_with_an_identity_of_its_own_keeps_its_event_id(rig: Rig) -> None:
+    """Two inputs reporting one fact (a call's answer, a webhook) publish it under one id."""
+    fact_id = aggregate.derived_id("stripe-fact", "pi_1")
+
+    def report(row: dict[str, Any] | None, message: Mapping[str, Any], now_ms: int) -> Decision:
+        emission = _balance(message["user_id"], 1, 1)
+        return Decision(emit=(Emission(emission.topic, emission.payload, event_id=fact_id),))
+
+    rig.kernel.flow = dataclasses.replace(rig.kernel.flow, steps=(
+        *rig.kernel.flow.steps, Step("report", "report", report, (BALANCE,))))
+    await rig.kernel.process([command("report", "u1"), command("report", "u1")])
+    assert [e["event_id"] for e in rig.app.events(BALANCE)] == [fact_id, fact_id]
 
 
 async def test_events_carry_the_envelope_of_their_cause(rig: Rig) -> None:
@@ -1036,7 +1051,7 @@ class Bank:
                 self.fail_times -= 1
                 raise ConnectionResetError("bank unreachable")
             if call.args.get("user_id") in self.refuse:
-                raise CallRefused("card declined")
+                raise CallRefused("card declined", code="card_declined")
             return f"ch-{call.args['user_id']}-{call.args['amount']}"
         finally:
             self.running -= 1
@@ -1074,7 +1089,8 @@ async def test_a_refused_call_becomes_an_outcome_the_decision_sees() -> None:
     bank = Bank(refuse={"u2"})
     rig = make_rig(services={"bank": bank})
     await rig.kernel.process([command("charge", "u1", amount=5), command("charge", "u2", amount=7)])
-    assert rig.row("u2")["charges"] == ["refused: card declined"] and rig.row("u2")["count"] == 0
+    assert rig.row("u2")["charges"] == ["refused (card_declined): card declined"]
+    assert rig.row("u2")["count"] == 0
     assert rig.row("u1")["count"] == 5
     assert rig.app.dead_letters() == []
 
