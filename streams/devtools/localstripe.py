@@ -223,6 +223,7 @@ def main_start(state_dir: Path, api_base: str) -> int:
 
 
 def main_stop(state_dir: Path, timeout: float = 10.0) -> int:
+    """Stop the localstripe ``paystream stripe start`` started (SIGTERM, then SIGKILL)."""
     pid = running_pid(state_dir)
     if pid is None:
         _pid_file(state_dir).unlink(missing_ok=True)
@@ -230,13 +231,27 @@ def main_stop(state_dir: Path, timeout: float = 10.0) -> int:
         return 0
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
-    if Path(f"/proc/{pid}").exists():
+    if _alive(pid):
         os.kill(pid, signal.SIGKILL)
     _pid_file(state_dir).unlink(missing_ok=True)
     print("stripe: localstripe stopped")
     return 0
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie child of ours is reaped and counts as gone)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask /proc
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def main_status(state_dir: Path, api_base: str) -> int:
@@ -318,15 +333,88 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
     web.run_app(server.app, host=host, port=port, print=None, access_log=logging.getLogger("aiohttp.access"))
 
 
+def confirm_intent(settings: Any, intent_id: str, payment_method: str) -> int:
+    """What a user's browser does on a checkout page: set a test card on the intent and confirm it.
+
+    Prints the intent's status after the confirm (or the decline's code).
+    """
+    from connectors.stripe_gateway import StripeGateway
+    from streams.kernel import CallRefused
+    from tables.aggregate import Call
+
+    async def run() -> int:
+        async with StripeGateway.from_settings(settings) as gateway:
+            call = Call("stripe", "confirm_payment_intent",
+                        {"payment_intent_id": intent_id, "payment_method": payment_method},
+                        f"manual-confirm-{intent_id}-{payment_method}-{time.time_ns()}")
+            try:
+                view = await gateway.call(call)
+            except CallRefused as refused:
+                print(json.dumps({"id": intent_id, "refused": str(refused), "code": refused.code}))
+                return 1
+        print(json.dumps({k: view[k] for k in ("id", "status", "amount", "currency", "latest_charge")}))
+        return 0
+
+    return asyncio.run(run())
+
+
+def cli(action: str, settings: Any, *, intent_id: str | None = None, card: str = "pm_card_visa",
+        webhook_url: str | None = None) -> int:
+    """``paystream stripe start|stop|status|webhook|confirm`` on :class:`~streams.settings.Settings`.
+
+    - ``start``/``stop``/``status``: the detached localstripe on the port of
+      ``STRIPE_API_BASE`` (pid and log in ``PAYSTREAM_STATE_DIR``);
+    - ``webhook``: register the ingress (``webhook_url``, default
+      ``http://INGRESS_HOST:INGRESS_PORT/webhooks/stripe``) with the first
+      secret of ``STRIPE_WEBHOOK_SECRET``;
+    - ``confirm``: confirm ``intent_id`` with ``card`` (:func:`confirm_intent`).
+    """
+    state_dir = Path(settings.state_dir)
+    if action == "start":
+        return main_start(state_dir, settings.stripe_api_base)
+    if action == "stop":
+        return main_stop(state_dir)
+    if action == "status":
+        return main_status(state_dir, settings.stripe_api_base)
+    if action == "webhook":
+        url = webhook_url or f"http://{settings.ingress_host}:{settings.ingress_port}/webhooks/stripe"
+        runner = LocalStripe(urlsplit(settings.stripe_api_base).port or 8420)
+        runner.register_webhook("paystream", url, settings.stripe_webhook_secrets[0])
+        print(f"stripe: localstripe sends its webhooks to {url}")
+        return 0
+    if action == "confirm":
+        if not intent_id:
+            print("stripe: confirm needs a PaymentIntent id", file=sys.stderr)
+            return 2
+        return confirm_intent(settings, intent_id, card)
+    raise ValueError(f"unknown action {action!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``paystream stripe`` (and of ``python -m streams.devtools.localstripe``)."""
+    parser.add_argument("action", choices=["start", "stop", "status", "webhook", "confirm"])
+    parser.add_argument("intent_id", nargs="?", help="confirm: the PaymentIntent (pi_...)")
+    parser.add_argument("--card", default="pm_card_visa",
+                        help="confirm: a test payment method (pm_card_visa succeeds, "
+                             "pm_card_chargeCustomerFail is declined)")
+    parser.add_argument("--url", dest="webhook_url", help="webhook: the endpoint (default: the ingress)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m {SERVE_MODULE}")
+    parser = argparse.ArgumentParser(prog=f"python -m {SERVE_MODULE}", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("serve", help="localstripe with Stripe's idempotency, in the foreground")
     run.add_argument("--port", type=int, default=8420)
     run.add_argument("--host", default="127.0.0.1")
+    add_arguments(commands.add_parser("stripe", help="what `paystream stripe` does"))
     args = parser.parse_args(argv)
-    serve(args.port, args.host)
-    return 0
+    if args.command == "serve":
+        serve(args.port, args.host)
+        return 0
+    from streams.settings import Settings
+
+    return cli(args.action, Settings.from_env(), intent_id=args.intent_id, card=args.card,
+               webhook_url=args.webhook_url)
 
 
 if __name__ == "__main__":
