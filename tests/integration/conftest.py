@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 
 from streams.settings import Settings
+from tests.integration.payment_support import localstripe, payment_stack  # noqa: F401  (fixtures)
 from tests.integration.pipeline_support import Pipeline, private_settings
 from tests.integration.registry_support import RegistryThread, drop_topic, registry_settings
 
