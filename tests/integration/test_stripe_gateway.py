@@ -208,12 +208,15 @@ async def test_an_over_refund_is_not_refused_by_localstripe(
     assert charge.amount_refunded == 5000
 
 
-async def test_a_refund_of_a_declined_payment_is_refused(stripe_gateway: StripeGateway) -> None:  # noqa: F811
+async def test_a_refund_of_a_declined_payment_is_refused(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient) -> None:  # noqa: F811
     with pytest.raises(CallRefused) as declined:
         await stripe_gateway.call(stripe_call("create_payment_intent", amount=900, currency="eur",
                                               confirm=True, payment_method="pm_card_chargeCustomerFail"))
-    intent_id = (await stripe_gateway._client.v1.charges.retrieve_async(
-        declined.value.__cause__.json_body["error"]["charge"])).payment_intent  # type: ignore[union-attr]
+    cause = declined.value.__cause__
+    assert isinstance(cause, stripe.CardError)
+    charge = await raw_client.v1.charges.retrieve_async(cause.json_body["error"]["charge"])
+    intent_id = charge.payment_intent
     with pytest.raises(CallRefused) as refused:
         await stripe_gateway.call(stripe_call("create_refund", payment_intent_id=intent_id, amount=100))
     assert refused.value.code == "invalid_request_error"  # localstripe: no code; message says why
