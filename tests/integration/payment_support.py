@@ -313,6 +313,14 @@ class PaymentStack:
         await self.events_of("order.payment_pending", order_id=order["order_id"])
         return order, created["payment_intent_id"]
 
+    async def paid_order(self, user_id: str, amount: int) -> tuple[dict[str, Any], str]:
+        """An order paid with ``pm_card_visa``: (the order, the intent id) once COMPLETED."""
+        order, intent_id = await self.open_payment(user_id, amount)
+        confirmed = await self.confirm(intent_id, "pm_card_visa")
+        assert not isinstance(confirmed, CallRefused), confirmed
+        await self.events_of("order.completed", order_id=order["order_id"])
+        return order, intent_id
+
     async def order(self, order_id: str) -> dict[str, Any]:
         answer = await self.api.get(f"/orders/{order_id}")
         assert answer.status_code == 200, answer.text
@@ -361,8 +369,13 @@ class PaymentStack:
         return await self.stripe_get(f"/v1/payment_intents/{intent_id}")
 
     async def stripe_refunds(self, intent_id: str) -> list[dict[str, Any]]:
-        """Every refund localstripe holds for the intent."""
-        return (await self.stripe_get("/v1/refunds", payment_intent=intent_id, limit=1000))["data"]
+        """Every refund localstripe holds for the intent.
+
+        Listed whole and filtered here: localstripe's ``?payment_intent=``
+        filter answers 500 for an intent that has no charge yet.
+        """
+        listed = (await self.stripe_get("/v1/refunds", limit=100000))["data"]
+        return [r for r in listed if r.get("payment_intent") == intent_id]
 
     async def stripe_intents_by_order(self, order_ids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
         """order id -> the PaymentIntents localstripe holds with that ``metadata.order_id``.
