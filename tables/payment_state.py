@@ -282,9 +282,14 @@ def _with_refund(payment: Payment, input_id: str, now_ms: int, refund: Mapping[s
     """``payment`` with ``refund`` recorded; payment.refunded once it has succeeded."""
     refund_id = refund["refund_id"]
     known = payment.refunds.get(refund_id)
-    counted = known is not None and known["status"] == "succeeded"
-    refunds = {**payment.refunds, refund_id: dict(refund)}
-    if counted or refund["status"] != "succeeded":  # recorded; money moved before, or not yet
+    if known is not None and known["status"] == "succeeded":
+        # Counted before: a later (or older, late) report of it changes nothing, so a
+        # ``pending`` arriving after ``succeeded`` can neither move the refund back
+        # nor let the next ``succeeded`` count it a second time.
+        return _evolve(payment, input_id, now_ms), ()
+    record = dict(refund) if known is None else {**refund, "created_at_ms": known["created_at_ms"]}
+    refunds = {**payment.refunds, refund_id: record}
+    if refund["status"] != "succeeded":  # recorded; the money has not moved yet
         return _evolve(payment, input_id, now_ms, refunds=refunds), ()
     refunded = payment.refunded_amount + refund["amount"]
     status = S.REFUNDED if refunded >= payment.amount else S.PARTIALLY_REFUNDED
