@@ -28,17 +28,9 @@ from mode import Service
 
 from streams import catalog, faust_patches
 from streams.admin import ensure_topics
-from streams.codec import ConfluentAvroCodec, SchemaCache
+from streams.codec import REGISTRY_TRANSPORT_ERRORS, ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
 from tables import storage
-
-try:  # the HTTP library the registry client really uses (httpx2, else httpx)
-    from confluent_kafka.schema_registry.common._httpx_compat import httpx as _registry_http
-
-    _REGISTRY_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-        _registry_http.TransportError, OSError)
-except ImportError:  # pragma: no cover - older confluent-kafka
-    _REGISTRY_TRANSPORT_ERRORS = (OSError,)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -344,7 +336,7 @@ def _registry_unreachable(exc: BaseException) -> str | None:
         if status in (408, 429) or (isinstance(status, int) and status >= 500):
             return f"it answers {status} ({exc.error_message})"
         return None
-    if isinstance(exc, _REGISTRY_TRANSPORT_ERRORS):
+    if isinstance(exc, REGISTRY_TRANSPORT_ERRORS):
         cause = exc.__cause__ or exc.__context__
         detail = str(cause or exc) or type(exc).__name__
         if "Connection refused" in detail:

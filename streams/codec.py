@@ -26,6 +26,16 @@ from faust.serializers import codecs
 from schemas import contracts
 from streams import catalog
 
+try:  # the HTTP library the registry client really uses (httpx2 when installed, else httpx)
+    from confluent_kafka.schema_registry.common._httpx_compat import httpx as _registry_http
+
+    #: What the registry client's HTTP library raises when the registry cannot be reached.
+    REGISTRY_HTTP_ERRORS: tuple[type[BaseException], ...] = (_registry_http.TransportError,)
+except ImportError:  # pragma: no cover - older confluent-kafka
+    REGISTRY_HTTP_ERRORS = ()
+#: ... and with the socket errors below it, what "the registry is unreachable" looks like.
+REGISTRY_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (*REGISTRY_HTTP_ERRORS, OSError)
+
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
 

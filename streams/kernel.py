@@ -79,13 +79,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
 from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
 from streams import catalog
-from streams.codec import MalformedRecord
+from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
 from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
 from streams.envelope import new_event
 from streams.routing import ReplyBook
@@ -126,7 +125,7 @@ def transient(error: BaseException) -> bool:
     Kafka timeouts and lost connections, a registry that cannot be reached or
     answers 5xx (a writer schema not cached yet), a service that is down.
     """
-    if isinstance(error, (*TRANSIENT_ERRORS, httpx.TransportError)):
+    if isinstance(error, (*TRANSIENT_ERRORS, *REGISTRY_HTTP_ERRORS)):
         return True
     if isinstance(error, SchemaRegistryError):
         return (error.http_status_code or 0) >= 500 or error.http_status_code in (-1, 408, 429)
