@@ -535,6 +535,15 @@ def test_transient_tells_a_broker_outage_from_a_bad_record() -> None:
     assert not transient(ValueError("bad"))
 
 
+def test_a_registry_that_cannot_be_reached_is_transient() -> None:
+    """With the HTTP library the registry client really uses (httpx2 when installed)."""
+    from confluent_kafka.schema_registry.common._httpx_compat import httpx as registry_http
+
+    assert transient(registry_http.ConnectError("registry down"))
+    assert transient(SchemaRegistryError(503, 50301, "unavailable"))
+    assert not transient(SchemaRegistryError(422, 42201, "invalid schema"))
+
+
 # --------------------------------------------------------------------------
 # Deciding a batch
 
