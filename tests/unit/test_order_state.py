@@ -1061,3 +1061,87 @@ def test_each_step_emits_only_what_it_declares_and_has_its_deadline_effect() -> 
 def test_payment_events_outside_any_order_are_not_the_orders() -> None:
     step_ = FLOW.step("payment.completed", {})
     assert step_.decide(None, completed_event(order_id=None), LATER) == Decision()
+
+
+# --------------------------------------------------------------------------
+# A failure for want of funds: the payment service retries it (issue 7, item 5)
+
+
+def unfunded_event(intent: str = "pi_1") -> dict[str, Any]:
+    return failed_event(intent, error_code="insufficient_funds",
+                        error_message="Your card has insufficient funds.")
+
+
+def test_an_insufficient_funds_failure_keeps_the_order_waiting_for_payment() -> None:
+    order = order_in(S.PAYMENT_PENDING)
+    decision = run(on_payment_failed, order, unfunded_event())
+    updated = decision.row
+    assert updated is not None and decision.emit == ()
+    assert updated.status is S.PAYMENT_PENDING and updated.payment_intent_id == "pi_1"
+    assert updated.payment_error == "insufficient_funds: Your card has insufficient funds."
+    assert updated.cancel_reason is None and updated.closed_at_ms is None
+    assert deadline_of(updated) == deadline_of(order) == DEADLINE  # the payment window keeps running
+    assert Order.from_dict(json.loads(json.dumps(updated.to_dict()))) == updated
+    assert order_view(updated)["payment_error"] == updated.payment_error
+
+
+def test_the_retry_that_pays_completes_the_order() -> None:
+    waiting = step(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event())
+    completed = step(on_payment_completed, waiting, completed_event())
+    assert completed.status is S.COMPLETED and completed.payment_id == "pi_1"
+
+
+def test_a_retry_declined_for_want_of_funds_again_keeps_waiting() -> None:
+    waiting = step(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event())
+    again = run(on_payment_failed, waiting, unfunded_event())
+    assert again.row is not None and again.emit == () and again.row.status is S.PAYMENT_PENDING
+
+
+def test_a_retry_declined_for_another_reason_cancels_the_order() -> None:
+    waiting = step(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event())
+    decision = run(on_payment_failed, waiting, failed_event())
+    assert decision.row is not None and decision.row.status is S.CANCELED
+    assert decision.row.cancel_reason == "PAYMENT_FAILED"
+    assert [e.topic for e in decision.emit] == ["order.canceled"]
+
+
+def test_an_unfunded_order_still_expires_at_its_deadline() -> None:
+    waiting = step(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event())
+    expired = step(expire, waiting, command("expire"), DEADLINE)
+    assert expired.status is S.EXPIRED
+
+
+def test_an_insufficient_funds_failure_of_another_intent_is_still_refused() -> None:
+    with pytest.raises(IllegalTransition, match="pi_2 is not the order's pi_1"):
+        run(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event("pi_2"))
+
+
+def test_an_insufficient_funds_failure_after_payment_is_a_noop() -> None:
+    assert run(on_payment_failed, order_in(S.COMPLETED), unfunded_event()) == Decision()
+
+
+def test_an_insufficient_funds_failure_before_the_intent_event_waits_for_payment() -> None:
+    decision = run(on_payment_failed, create(), unfunded_event())
+    assert decision.row is not None
+    assert decision.row.status is S.PAYMENT_PENDING and decision.row.payment_intent_id == "pi_1"
+
+
+@pytest.mark.xfail(strict=True, reason="payment.failed (insufficient_funds) read before "
+                   "payment.intent.created moves the order PENDING -> PAYMENT_PENDING without "
+                   "order.payment_pending, and the intent event is then a no-op: the order never "
+                   "announces order.payment_pending")
+def test_an_unfunded_failure_before_the_intent_event_still_announces_payment_pending() -> None:
+    first = run(on_payment_failed, create(), unfunded_event())
+    assert first.row is not None
+    then = run(on_payment_intent_created, first.row, intent_event())
+    topics = [e.topic for e in first.emit + then.emit]
+    assert topics.count("order.payment_pending") == 1
+
+
+@pytest.mark.xfail(strict=True, reason="payment_error ('the last failed attempt's error, while a "
+                   "retry may pay') stays on the order after the retry paid it")
+def test_the_payment_error_is_cleared_once_the_order_is_paid() -> None:
+    waiting = step(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event())
+    completed = step(on_payment_completed, waiting, completed_event())
+    assert completed.payment_error is None
+
