@@ -569,10 +569,6 @@ def test_a_fact_about_another_intent_changes_nothing_but_is_remembered() -> None
     assert run(ran.row, command).decision == DUPLICATE
 
 
-def test_a_fact_for_an_order_without_a_payment_is_a_noop() -> None:
-    assert run(None, fact("payment_intent_succeeded")).decision == NOOP
-
-
 def test_an_unknown_fact_kind_is_invalid() -> None:
     command = fact("payment_intent_succeeded")
     command["kind"] = "disputed"
@@ -1013,3 +1009,16 @@ def test_an_order_total_changed_after_the_intent_reaches_the_payment() -> None:
                       producer="order_service", now_ms=LATER)
     ran = run(opened(), event, update_payment_intent=intent_answer())
     assert ran.row.amount == AMOUNT + 1000
+
+
+@pytest.mark.xfail(strict=True, reason="a Stripe fact for an order whose payment row does not exist "
+                   "is a silent no-op: after a crash the replayed order.created and the stripe command "
+                   "(another topic) may be read in either order, and a succeeded fact read first is "
+                   "lost for good (the order then expires with the money taken); refusing it "
+                   "(dead letter) or keeping it would not lose it")
+def test_a_success_read_before_the_payment_row_is_not_dropped_silently() -> None:
+    try:
+        decision = run(None, fact("payment_intent_succeeded")).decision
+    except Refusal:
+        return
+    assert decision != NOOP
