@@ -495,7 +495,7 @@ def _repeated(payment: Payment, command: Mapping[str, Any]) -> dict[str, str] | 
     """The earlier request under this command's Idempotency-Key; 422 if its parameters differ."""
     key = command.get("idempotency_key")
     known = payment.idempotency_keys.get(key) if key is not None else None
-    if known is not None and known["fingerprint"] != command.get("fingerprint"):
+    if known is not None and known["fingerprint"] != str(command.get("fingerprint")):  # stored as str
         raise IdempotencyKeyReused(f"Idempotency-Key {key!r} was used with other parameters on "
                                    f"the payment of order {payment.order_id}")
     return known

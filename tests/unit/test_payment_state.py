@@ -1022,3 +1022,12 @@ def test_a_success_read_before_the_payment_row_is_not_dropped_silently() -> None
     except Refusal:
         return
     assert decision != NOOP
+
+
+def test_a_keyed_refund_without_a_fingerprint_repeated_is_the_same_request() -> None:
+    # The API always sends a fingerprint with a key; a command without one must still match itself.
+    command = received(aggregate.command("refund", "order_id", ORDER, cause=None, now_ms=LATER,
+                                         command_id="cmd-1", origin="api", idempotency_key="k"))
+    first = run(payment_in(S.SUCCEEDED), command, create_refund=refund_answer("re_1", AMOUNT))
+    again = run(first.row, command)
+    assert again.calls == [] and again.decision.reply["refund_id"] == "re_1"
