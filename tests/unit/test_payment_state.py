@@ -1031,3 +1031,16 @@ def test_a_keyed_refund_without_a_fingerprint_repeated_is_the_same_request() -> 
     first = run(payment_in(S.SUCCEEDED), command, create_refund=refund_answer("re_1", AMOUNT))
     again = run(first.row, command)
     assert again.calls == [] and again.decision.reply["refund_id"] == "re_1"
+
+
+@pytest.mark.xfail(strict=True, raises=Conflict,
+                   reason="a keyed full refund whose batch crashed after Stripe made the refund, and "
+                   "whose refund.created webhook was decided first, is answered 409 'refunded in full' "
+                   "on the requester's retry with its Idempotency-Key (the refund happened; the kernel "
+                   "promises such a retry is answered from the row)")
+def test_a_refund_retried_after_stripe_reported_it_first_answers_the_refund() -> None:
+    paid = payment_in(S.SUCCEEDED)
+    reported = run(paid, fact("refund_created", amount=AMOUNT)).row  # the webhook of our refund
+    assert reported.status is S.REFUNDED
+    ran = run(reported, api_command("refund", "key-1"), create_refund=refund_answer(RE_1500, AMOUNT))
+    assert ran.decision.reply["refund_id"] == RE_1500 and ran.events == []
