@@ -689,18 +689,21 @@ def on_payment_intent_created(order: Order | None, event: Mapping[str, Any], now
     updated = _evolve(
         current, event_id, now_ms, status=OrderStatus.PAYMENT_PENDING, payment_intent_id=intent_id
     )
-    emission = Emission(
+    return Decision(row=updated, emit=(_payment_pending_emission(updated, intent_id),))
+
+
+def _payment_pending_emission(order: Order, intent_id: str) -> Emission:
+    return Emission(
         ORDER_PAYMENT_PENDING,
         _payload(
             ORDER_PAYMENT_PENDING,
-            order_id=updated.order_id,
-            user_id=updated.user_id,
+            order_id=order.order_id,
+            user_id=order.user_id,
             payment_intent_id=intent_id,
-            amount=updated.total_amount,
-            currency=updated.currency,
+            amount=order.total_amount,
+            currency=order.currency,
         ),
     )
-    return Decision(row=updated, emit=(emission,))
 
 
 def on_payment_completed(order: Order | None, event: Mapping[str, Any], now_ms: int) -> Decision:
@@ -759,6 +762,7 @@ def on_payment_completed(order: Order | None, event: Mapping[str, Any], now_ms: 
         status=OrderStatus.COMPLETED,
         payment_intent_id=payment_id,
         payment_id=payment_id,
+        payment_error=None,
         completed_at_ms=now_ms,
     )
     emission = Emission(
@@ -817,6 +821,8 @@ def on_payment_failed(order: Order | None, event: Mapping[str, Any], now_ms: int
     if code in RETRYABLE_FAILURES:
         updated = _evolve(current, event_id, now_ms, status=OrderStatus.PAYMENT_PENDING,
                           payment_intent_id=intent_id, payment_error=detail or None)
+        if current.status is OrderStatus.PENDING:  # read before payment.intent.created
+            return Decision(row=updated, emit=(_payment_pending_emission(updated, intent_id),))
         return Decision(row=updated)
     updated = _evolve(
         current,

@@ -25,7 +25,8 @@ replayed input never charges or refunds twice.
 
 Seed names (``seed/payment-order-architecture.md``, payment service) are the
 ``handler`` column of :func:`payment_flow`: ``handle_order_created``,
-``create_refund``, ``handle_stripe_webhook`` (the facts), and
+``create_refund``, ``handle_stripe_webhook`` (in :mod:`tables.stripe_intents`,
+whose facts arrive here as ``apply_stripe_fact``), and
 ``handle_wallet_balance_changed`` (:mod:`tables.payment_index`, whose
 ``retry`` commands land here).
 """
@@ -98,6 +99,9 @@ RETRYABLE_FAILURES = frozenset({"insufficient_funds"})
 #: Order types paid by a PaymentIntent of their own.  A SUBSCRIPTION order is
 #: paid by its subscription's invoices (Stripe bills those), not here.
 INTENT_ORDER_TYPES = frozenset({"ONE_TIME", "WALLET_TOPUP", "STORAGE_UPGRADE"})
+
+#: Refund statuses that may still end in money returned.
+PENDING_REFUND = frozenset({"pending", "requires_action"})
 
 #: Applied input ids a row remembers (a payment sees a few dozen inputs).
 MAX_APPLIED_IDS = 128
@@ -172,8 +176,20 @@ class Payment:
         return cls(**values)
 
     @property
+    def pending_refunds(self) -> int:
+        """Refunds Stripe took but has not completed: reserved, not yet returned."""
+        return sum(r["amount"] for r in self.refunds.values() if r["status"] in PENDING_REFUND)
+
+    @property
     def refundable(self) -> int:
-        return self.amount - self.refunded_amount if self.status in PAID_STATUSES else 0
+        """What may still be refunded: the paid amount less refunds done or under way."""
+        if self.status not in PAID_STATUSES:
+            return 0
+        return max(0, self.amount - self.refunded_amount - self.pending_refunds)
+
+    def refund_of(self, command_id: str) -> dict[str, Any] | None:
+        """The refund the refund command ``command_id`` made, if Stripe reported it already."""
+        return next((r for r in self.refunds.values() if r.get("command_id") == command_id), None)
 
     @property
     def retryable(self) -> bool:
@@ -185,7 +201,9 @@ class Payment:
 def payment_view(payment: Payment) -> dict[str, Any]:
     """The JSON body of GET /payments/...: the row without its bookkeeping."""
     view = payment.to_dict()
-    for internal in ("applied_ids", "idempotency_keys"):
+    # client_secret lets its holder confirm the intent: for the payer's client,
+    # never for an API without authentication.
+    for internal in ("applied_ids", "idempotency_keys", "client_secret"):
         del view[internal]
     view["refundable_amount"] = payment.refundable
     view["refunds"] = sorted(view["refunds"].values(), key=lambda r: (r["created_at_ms"], r["refund_id"]))
@@ -408,12 +426,18 @@ def on_stripe_fact(payment: Payment | None, fact: Mapping[str, Any], now_ms: int
     fact the state has moved past changes nothing (the transition table has
     no edge back).  A refund reported before the payment's success proves the
     success: both are recorded, in that order.  A fact for an order without a
-    payment row (an intent opened outside paystream) changes nothing; the raw
-    event stays in ``stripe.events``.
+    payment row makes the row (:func:`_payment_from_fact`).
     """
     command_id = _text(fact, "command_id")
-    if payment is None:  # an intent made outside paystream for one of our orders: kept, not ours
-        return NOOP
+    if payment is None:
+        payment = _payment_from_fact(fact, now_ms)
+        if payment is None:
+            return NOOP  # not enough to know the payment; the raw event stays in stripe.events
+        if fact.get("kind") == "intent_created":  # the intent is news: announce it as ours would
+            intent_id = payment.payment_intent_id or ""
+            created = _evolve(payment, command_id, now_ms)
+            return Decision(row=created, emit=(_emit(
+                PAYMENT_INTENT_CREATED, intent_id, payment_intent_id=intent_id, **_money(created)),))
     if _seen(payment, command_id):
         return DUPLICATE
     intent_id = _text(fact, "payment_intent_id")
@@ -452,11 +476,34 @@ def on_stripe_fact(payment: Payment | None, fact: Mapping[str, Any], now_ms: int
     raise Invalid(f"unknown Stripe fact kind {kind!r}")
 
 
+def _payment_from_fact(fact: Mapping[str, Any], now_ms: int) -> Payment | None:
+    """The payment a fact proves exists although this aggregate holds no row for it.
+
+    After a crash the replayed ``order.created`` and the ``stripe`` command
+    are read from two topics in either order, so Stripe's news of an intent
+    paystream opened may come first; an intent opened for one of our orders
+    outside paystream likewise.  The fact carries the intent's amount,
+    currency and user (its metadata): enough for the row, which then takes
+    the fact as usual.  A later ``order.created`` finds the row and opens no
+    second intent.  Without those fields (a bare refund fact) nothing can be
+    known: None.
+    """
+    amount, currency, user_id = fact.get("amount"), fact.get("currency"), fact.get("user_id")
+    if not (isinstance(amount, int) and isinstance(currency, str) and isinstance(user_id, str)):
+        return None
+    return Payment(order_id=_text(fact, "order_id"), user_id=user_id, amount=amount,
+                   currency=currency, status=S.REQUIRES_PAYMENT, created_at_ms=now_ms,
+                   updated_at_ms=now_ms, payment_intent_id=_text(fact, "payment_intent_id"),
+                   attempts=1)
+
+
 def _refund_record(raw: Mapping[str, Any], now_ms: int) -> dict[str, Any]:
     reason = raw.get("reason")
+    status = raw.get("status") or "pending"  # Stripe's status is nullable: not done yet
     return {"refund_id": _text(raw, "refund_id"), "amount": _int(raw, "amount"),
-            "status": _text(raw, "status"),
-            "reason": reason if reason in REFUND_REASONS else "OTHER", "created_at_ms": now_ms}
+            "status": status if isinstance(status, str) else "pending",
+            "reason": reason if reason in REFUND_REASONS else "OTHER", "created_at_ms": now_ms,
+            "command_id": raw.get("command_id")}
 
 
 # --------------------------------------------------------------------------
@@ -471,10 +518,13 @@ def _refund_amount(payment: Payment, command: Mapping[str, Any]) -> int:
     if payment.status not in PAID_STATUSES:
         raise Conflict(f"payment of order {payment.order_id} is {payment.status.value}: "
                        "only a paid payment can be refunded")
-    if payment.refundable <= 0:
+    if payment.status is S.REFUNDED:
         raise Conflict(f"payment of order {payment.order_id} is refunded in full")
     amount = command.get("amount")
     if amount is None:
+        if payment.refundable <= 0:
+            raise Conflict(f"payment of order {payment.order_id} has nothing left to refund "
+                           "(refunded, or refunds under way)")
         return payment.refundable
     if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
         raise Invalid(f"amount must be a positive integer (minor units), not {amount!r}")
@@ -502,7 +552,8 @@ def _repeated(payment: Payment, command: Mapping[str, Any]) -> dict[str, str] | 
 
 
 def plan_refund(payment: Payment | None, command: Mapping[str, Any]) -> list[Call]:
-    if payment is None or _seen(payment, command["command_id"]) or _repeated(payment, command):
+    if payment is None or _seen(payment, command["command_id"]) or _repeated(payment, command) \
+            or payment.refund_of(command["command_id"]) is not None:
         return []
     amount = _refund_amount(payment, command)
     reason = _reason(command)
@@ -539,6 +590,11 @@ def create_refund(payment: Payment | None, command: Mapping[str, Any], now_ms: i
         return Decision(duplicate=True, reply=refund_view(payment, known["refund_id"]))
     if _seen(payment, command["command_id"]):
         return DUPLICATE
+    made = payment.refund_of(command["command_id"])
+    if made is not None:  # Stripe's webhook for it was decided first (a replay after a crash)
+        updated = _remember_key(_evolve(payment, command["command_id"], now_ms), command,
+                                made["refund_id"])
+        return Decision(row=updated, reply=refund_view(updated, made["refund_id"]))
     amount = _refund_amount(payment, command)
     outcome = outcomes[_refund_key(command)]
     if not outcome.ok:
@@ -546,14 +602,20 @@ def create_refund(payment: Payment | None, command: Mapping[str, Any], now_ms: i
     value = outcome.value
     refund = {"refund_id": value["id"], "amount": int(value.get("amount") or amount),
               "status": value.get("status") or "pending", "reason": _reason(command),
-              "created_at_ms": now_ms}
+              "created_at_ms": now_ms, "command_id": command["command_id"]}
     updated, emitted = _with_refund(payment, command["command_id"], now_ms, refund)
+    updated = _remember_key(updated, command, value["id"])
+    return Decision(row=updated, emit=emitted, reply=refund_view(updated, value["id"]))
+
+
+def _remember_key(payment: Payment, command: Mapping[str, Any], refund_id: str) -> Payment:
+    """``payment`` (a fresh copy) remembering the command's Idempotency-Key, if it had one."""
     key = command.get("idempotency_key")
     if key is not None:
-        keys = {**updated.idempotency_keys,
-                key: {"fingerprint": str(command.get("fingerprint")), "refund_id": value["id"]}}
-        updated.idempotency_keys = dict(list(keys.items())[-MAX_IDEMPOTENCY_KEYS:])
-    return Decision(row=updated, emit=emitted, reply=refund_view(updated, value["id"]))
+        keys = {**payment.idempotency_keys,
+                key: {"fingerprint": str(command.get("fingerprint")), "refund_id": refund_id}}
+        payment.idempotency_keys = dict(list(keys.items())[-MAX_IDEMPOTENCY_KEYS:])
+    return payment
 
 
 # --------------------------------------------------------------------------
@@ -578,8 +640,9 @@ def retry(payment: Payment | None, command: Mapping[str, Any], now_ms: int,
 
     Only a payment that failed for want of funds is retried; anything else
     (paid since, canceled, declined for another reason) is left alone.  A
-    succeeded confirmation is the payment; a declined one is another
-    ``payment.failed``; an intent that needs the payer again waits for them.
+    succeeded confirmation is the payment; a declined one is recorded, and
+    announced by Stripe's ``payment_failed`` webhook (one ``payment.failed``
+    per decline); an intent that needs the payer again waits for them.
     """
     if payment is None:
         return NOOP
@@ -592,9 +655,15 @@ def retry(payment: Payment | None, command: Mapping[str, Any], now_ms: int,
     intent_id = payment.payment_intent_id or ""
     attempts = payment.attempts + 1
     if not outcome.ok:
-        return _failed(dataclasses.replace(payment, attempts=attempts), command_id, now_ms, intent_id,
-                       command_id, outcome.code, outcome.refused or "retry declined",
-                       payment.payment_method, None)
+        # Recorded, not published: a decline is reported by Stripe's
+        # payment_intent.payment_failed webhook, whose fact publishes
+        # payment.failed under the Stripe event's id; publishing here too would
+        # announce one decline twice under two ids.  (A refusal that is no
+        # decline, e.g. an intent Stripe will not confirm again, is no payment
+        # failure to announce.)
+        return Decision(row=_evolve(payment, command_id, now_ms, attempts=attempts,
+                                    failure_code=outcome.code or payment.failure_code,
+                                    failure_message=outcome.refused or payment.failure_message))
     status = outcome.value.get("status")
     if status == "succeeded":
         return _succeeded(dataclasses.replace(payment, attempts=attempts), command_id, now_ms,
@@ -619,7 +688,7 @@ def payment_flow() -> aggregate.Flow:
                  calls=plan_order_created),
             Step("order.expired", "handle_order_expired", on_order_closed, calls=plan_cancel),
             Step("order.canceled", "handle_order_canceled", on_order_closed, calls=plan_cancel),
-            Step("stripe", "handle_stripe_webhook", on_stripe_fact,
+            Step("stripe", "apply_stripe_fact", on_stripe_fact,
                  (PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_REFUNDED)),
             Step("refund", "create_refund", create_refund, (PAYMENT_REFUNDED,), calls=plan_refund),
             Step("retry", "retry_payment", retry, (PAYMENT_COMPLETED, PAYMENT_FAILED),

@@ -124,6 +124,9 @@ class RefundFact:
     #: A ``RefundReason`` symbol: ``metadata["paystream_reason"]`` when it is
     #: one, else Stripe's ``reason`` upper-cased when it is one, else OTHER.
     reason: str
+    #: ``metadata["command_id"]``: the paystream refund command that made it
+    #: (None for a refund made elsewhere, e.g. in Stripe's dashboard).
+    command_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,6 +322,7 @@ def _refund_fact(event: StripeEvent, refund: Any) -> RefundFact:
         refund_id=refund_id, amount=amount, currency=currency,
         status=_str(refund.get("status")) or "", reason=_refund_reason(_metadata(event, refund),
                                                                        refund.get("reason")),
+        command_id=_str(_metadata(event, refund).get("command_id")),
     )
 
 

@@ -47,7 +47,8 @@ def dump(row: Row) -> Row:
 def fact_command(fact: PaymentFact, order_id: str, now_ms: int) -> dict[str, Any]:
     """The ``stripe`` command that carries ``fact`` to the payment of ``order_id``."""
     refunds = [{"refund_id": r.refund_id, "amount": r.amount, "currency": r.currency,
-                "status": r.status, "reason": r.reason} for r in fact.refunds]
+                "status": r.status, "reason": r.reason, "command_id": r.command_id}
+               for r in fact.refunds]
     return aggregate.command(
         "stripe", "order_id", order_id, cause={"event_id": fact.stripe_event_id}, now_ms=now_ms,
         command_id=aggregate.derived_id("stripe", fact.stripe_event_id),

@@ -1126,10 +1126,6 @@ def test_an_insufficient_funds_failure_before_the_intent_event_waits_for_payment
     assert decision.row.status is S.PAYMENT_PENDING and decision.row.payment_intent_id == "pi_1"
 
 
-@pytest.mark.xfail(strict=True, reason="payment.failed (insufficient_funds) read before "
-                   "payment.intent.created moves the order PENDING -> PAYMENT_PENDING without "
-                   "order.payment_pending, and the intent event is then a no-op: the order never "
-                   "announces order.payment_pending")
 def test_an_unfunded_failure_before_the_intent_event_still_announces_payment_pending() -> None:
     first = run(on_payment_failed, create(), unfunded_event())
     assert first.row is not None
@@ -1138,8 +1134,6 @@ def test_an_unfunded_failure_before_the_intent_event_still_announces_payment_pen
     assert topics.count("order.payment_pending") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="payment_error ('the last failed attempt's error, while a "
-                   "retry may pay') stays on the order after the retry paid it")
 def test_the_payment_error_is_cleared_once_the_order_is_paid() -> None:
     waiting = step(on_payment_failed, order_in(S.PAYMENT_PENDING), unfunded_event())
     completed = step(on_payment_completed, waiting, completed_event())

@@ -293,7 +293,7 @@ def test_the_flow_table_is_keyed_by_order_and_names_the_seed_handlers() -> None:
         "order.created": "handle_order_created",
         "order.expired": "handle_order_expired",
         "order.canceled": "handle_order_canceled",
-        "stripe": "handle_stripe_webhook",
+        "stripe": "apply_stripe_fact",
         "refund": "create_refund",
         "retry": "retry_payment",
     }
@@ -604,7 +604,8 @@ def test_a_refund_pending_then_succeeded_counts_once() -> None:
     paid = payment_in(S.SUCCEEDED)
     pending = run(paid, fact("refund_updated", event_id="evt_refund_pending", status="pending"))
     assert pending.events == [] and pending.row.refunded_amount == 0
-    assert pending.row.refunds[RE_700]["status"] == "pending" and pending.row.refundable == AMOUNT
+    assert pending.row.refunds[RE_700]["status"] == "pending"
+    assert pending.row.refundable == AMOUNT - 700  # reserved while under way
     done = run(pending.row, fact("refund_updated"))
     (event,) = done.events
     assert event["event_id"] == fact_event_id(PAYMENT_REFUNDED, RE_700)
@@ -656,9 +657,6 @@ def test_a_pending_refund_before_the_success_proves_nothing_yet() -> None:
     assert ran.events == [] and ran.row.status is S.REQUIRES_PAYMENT
 
 
-@pytest.mark.xfail(strict=True, reason="a refund whose status Stripe left null (RefundFact.status '') "
-                   "makes the whole stripe command Invalid (dead-lettered) instead of being recorded "
-                   "as not yet succeeded")
 def test_a_refund_without_a_status_is_recorded_as_not_yet_succeeded() -> None:
     ran = run(payment_in(S.SUCCEEDED), fact("refund_updated", status=None))
     assert ran.events == [] and ran.row.refunded_amount == 0
@@ -825,13 +823,12 @@ def test_a_payment_remembers_a_bounded_number_of_refund_keys() -> None:
     assert f"key-{MAX_IDEMPOTENCY_KEYS}" in payment.idempotency_keys
 
 
-@pytest.mark.xfail(strict=True, reason="refundable ignores pending refunds: a second full refund while "
-                   "the first is pending is sent to Stripe (which refuses it: 409) instead of being an "
-                   "OverRefund (400)")
 def test_a_pending_refund_is_not_refundable_again() -> None:
     pending = run(payment_in(S.SUCCEEDED), api_command("refund"),
                   create_refund=refund_answer("re_1", AMOUNT, status="pending")).row
     with pytest.raises(OverRefund):
+        run(pending, api_command("refund", amount=1), create_refund=refused("exceeds", "amount_too_large"))
+    with pytest.raises(Conflict, match="nothing left to refund"):
         run(pending, api_command("refund"), create_refund=refused("exceeds", "amount_too_large"))
 
 
@@ -858,16 +855,14 @@ def test_a_retried_payment_reported_again_by_stripe_publishes_nothing() -> None:
     assert ran.events == [] and ran.row.status is S.SUCCEEDED
 
 
-def test_a_declined_retry_is_another_payment_failed_and_stays_retryable() -> None:
-    command = retry_command()
-    ran = run(payment_in(S.FAILED), command,
+def test_a_declined_retry_is_recorded_and_stays_retryable() -> None:
+    """Stripe's payment_failed webhook announces the decline; the retry itself publishes nothing."""
+    ran = run(payment_in(S.FAILED), retry_command(),
               confirm_payment_intent=refused("Your card has insufficient funds.", "insufficient_funds"))
     assert ran.row.status is S.FAILED and ran.row.attempts == 2 and ran.row.retryable
-    (event,) = ran.events
-    assert event["event_type"] == PAYMENT_FAILED
-    assert event["event_id"] == fact_event_id(PAYMENT_FAILED, command["command_id"])
-    assert (event["error_code"], event["error_message"]) == ("insufficient_funds",
-                                                             "Your card has insufficient funds.")
+    assert ran.events == []
+    assert (ran.row.failure_code, ran.row.failure_message) == ("insufficient_funds",
+                                                               "Your card has insufficient funds.")
 
 
 def test_a_retry_declined_for_another_reason_is_not_retried_again() -> None:
@@ -910,11 +905,6 @@ def test_a_failure_without_a_payment_method_is_not_retryable() -> None:
     assert not payment.retryable
 
 
-@pytest.mark.xfail(strict=True, reason="a declined retry publishes payment.failed under an id derived "
-                   "from the retry command, and Stripe's payment_intent.payment_failed webhook for the "
-                   "same declined confirmation publishes it again under the Stripe event's id: one "
-                   "decline, two payment.failed (the module says a fact reported by our call and by a "
-                   "webhook is published once)")
 def test_a_declined_retry_and_stripes_webhook_for_it_publish_one_payment_failed() -> None:
     declined = run(payment_in(S.FAILED), retry_command(),
                    confirm_payment_intent=refused("Your card has insufficient funds.", "insufficient_funds"))
@@ -1011,11 +1001,6 @@ def test_an_order_total_changed_after_the_intent_reaches_the_payment() -> None:
     assert ran.row.amount == AMOUNT + 1000
 
 
-@pytest.mark.xfail(strict=True, reason="a Stripe fact for an order whose payment row does not exist "
-                   "is a silent no-op: after a crash the replayed order.created and the stripe command "
-                   "(another topic) may be read in either order, and a succeeded fact read first is "
-                   "lost for good (the order then expires with the money taken); refusing it "
-                   "(dead letter) or keeping it would not lose it")
 def test_a_success_read_before_the_payment_row_is_not_dropped_silently() -> None:
     try:
         decision = run(None, fact("payment_intent_succeeded")).decision
@@ -1033,14 +1018,13 @@ def test_a_keyed_refund_without_a_fingerprint_repeated_is_the_same_request() -> 
     assert again.calls == [] and again.decision.reply["refund_id"] == "re_1"
 
 
-@pytest.mark.xfail(strict=True, raises=Conflict,
-                   reason="a keyed full refund whose batch crashed after Stripe made the refund, and "
-                   "whose refund.created webhook was decided first, is answered 409 'refunded in full' "
-                   "on the requester's retry with its Idempotency-Key (the refund happened; the kernel "
-                   "promises such a retry is answered from the row)")
 def test_a_refund_retried_after_stripe_reported_it_first_answers_the_refund() -> None:
     paid = payment_in(S.SUCCEEDED)
-    reported = run(paid, fact("refund_created", amount=AMOUNT)).row  # the webhook of our refund
+    command = api_command("refund", "key-1")
+    # the webhook of our refund: the gateway put the command's id in its metadata
+    metadata = {"order_id": ORDER, "paystream_reason": "ORDER_CANCELED",
+                "command_id": command["command_id"]}
+    reported = run(paid, fact("refund_created", amount=AMOUNT, metadata=metadata)).row
     assert reported.status is S.REFUNDED
-    ran = run(reported, api_command("refund", "key-1"), create_refund=refund_answer(RE_1500, AMOUNT))
+    ran = run(reported, command, create_refund=refund_answer(RE_1500, AMOUNT))
     assert ran.decision.reply["refund_id"] == RE_1500 and ran.events == []

@@ -83,7 +83,7 @@ def forwarded(decision: Decision) -> dict[str, Any]:
     record = json.loads(json.dumps(send.value))
     assert send.key == record["order_id"]
     message = aggregate.command_message(record, "order_id")
-    assert PAYMENTS.step(PAYMENT_COMMANDS, message).handler == "handle_stripe_webhook"
+    assert PAYMENTS.step(PAYMENT_COMMANDS, message).handler == "apply_stripe_fact"
     return message
 
 
@@ -129,7 +129,8 @@ def test_an_event_naming_its_order_is_forwarded_to_that_payment(name: str) -> No
     assert command["kind"] == fact.kind and command["stripe_event_id"] == event["id"]
     assert command["payment_intent_id"] == PI and command["occurred_at_ms"] == event["created"] * 1000
     assert command["refunds"] == [{"refund_id": r.refund_id, "amount": r.amount, "currency": r.currency,
-                                   "status": r.status, "reason": r.reason} for r in fact.refunds]
+                                   "status": r.status, "reason": r.reason, "command_id": r.command_id}
+                                  for r in fact.refunds]
     (send,) = decision.send
     assert send.value["causation_id"] == event["id"]
     assert decision.row == {"applied": [event["id"]], "payment_intent_id": PI, "order_id": ORDER,
