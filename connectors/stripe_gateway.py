@@ -184,6 +184,7 @@ class StripeGateway:
             "create_payment_intent": self.create_payment_intent,
             "retrieve_payment_intent": self.retrieve_payment_intent,
             "confirm_payment_intent": self.confirm_payment_intent,
+            "update_payment_intent": self.update_payment_intent,
             "cancel_payment_intent": self.cancel_payment_intent,
             "create_refund": self.create_refund,
         }
@@ -259,6 +260,16 @@ class StripeGateway:
                                  intents.confirm_async(intent_id, options={"idempotency_key": key}))
         return self.intent_view(intent)
 
+    async def update_payment_intent(self, args: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """Bring an open intent's amount (and currency) in line with its order."""
+        intent_id = str(_required(args, "payment_intent_id"))
+        params: dict[str, Any] = {"amount": int(_required(args, "amount"))}
+        if args.get("currency"):
+            params["currency"] = str(args["currency"]).lower()
+        intent = await self._run("update_payment_intent", key, self._client.v1.payment_intents.update_async(
+            intent_id, params, {"idempotency_key": key}))
+        return self.intent_view(intent)
+
     async def cancel_payment_intent(self, args: Mapping[str, Any], key: str) -> dict[str, Any]:
         params: dict[str, Any] = {}
         reason = args.get("cancellation_reason")
@@ -305,7 +316,7 @@ class StripeGateway:
         return {
             "id": intent.id,
             "status": intent.status,
-            "amount": intent.amount,
+            "amount": int(intent.amount),  # localstripe answers an updated amount as text
             "currency": intent.currency,
             "client_secret": _field(intent, "client_secret"),
             "latest_charge": _id_of(_field(intent, "latest_charge")),

@@ -34,6 +34,7 @@ whose facts arrive here as ``apply_stripe_fact``), and
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -379,6 +380,66 @@ def on_order_created(payment: Payment | None, event: Mapping[str, Any], now_ms: 
 
 
 # --------------------------------------------------------------------------
+# order.updated: the open intent follows the order's amount
+
+
+def _new_price(payment: Payment, event: Mapping[str, Any]) -> tuple[int, str] | None:
+    """The order's amount and currency after ``event``, if they differ from the payment's."""
+    changes = event.get("changes") or {}
+    if "total_amount" not in changes and "currency" not in changes:
+        return None
+    try:  # order.updated carries each changed field as JSON text
+        amount = json.loads(changes["total_amount"]) if "total_amount" in changes else payment.amount
+        currency = json.loads(changes["currency"]) if "currency" in changes else payment.currency
+    except (TypeError, ValueError) as exc:
+        raise Invalid(f"order.updated with unreadable changes: {exc}") from None
+    if isinstance(amount, bool) or not isinstance(amount, int) or not isinstance(currency, str):
+        raise Invalid(f"order.updated with total_amount {amount!r} and currency {currency!r}")
+    return None if (amount, currency) == (payment.amount, payment.currency) else (amount, currency)
+
+
+def _update_key(event: Mapping[str, Any]) -> str:
+    return aggregate.derived_id("update_payment_intent", event["event_id"])
+
+
+def plan_order_updated(payment: Payment | None, event: Mapping[str, Any]) -> list[Call]:
+    if payment is None or payment.status not in OPEN_STATUSES or _seen(payment, event["event_id"]):
+        return []
+    price = _new_price(payment, event)
+    if price is None:
+        return []
+    return [Call(STRIPE, "update_payment_intent",
+                 {"payment_intent_id": payment.payment_intent_id, "amount": price[0],
+                  "currency": price[1].lower()}, _update_key(event))]
+
+
+def on_order_updated(payment: Payment | None, event: Mapping[str, Any], now_ms: int,
+                     outcomes: Mapping[str, Outcome]) -> Decision:
+    """order.updated: an unpaid order's new total goes to its open PaymentIntent.
+
+    The payer confirms the intent, so its amount must be the order's: a PATCH
+    of an order awaiting payment changes the intent before the payer pays it
+    (the order checks the amount of ``payment.completed`` against its own).
+    Once paid, the order refuses such a PATCH, so a paid payment is left alone.
+    Stripe refusing the change (an amount below its minimum) is a refusal:
+    dead-lettered with Stripe's reason, for an operator.
+    """
+    if payment is None:
+        return NOOP
+    if _seen(payment, event["event_id"]):
+        return DUPLICATE
+    price = _new_price(payment, event) if payment.status in OPEN_STATUSES else None
+    if price is None:
+        return NOOP
+    outcome = outcomes[_update_key(event)]
+    if not outcome.ok:
+        raise Conflict(f"Stripe refused to change the PaymentIntent of order {payment.order_id} "
+                       f"to {price[0]} {price[1]}: {outcome.refused}")
+    return Decision(row=_evolve(payment, event["event_id"], now_ms, amount=price[0],
+                                currency=price[1]))
+
+
+# --------------------------------------------------------------------------
 # order.expired / order.canceled: the open intent is canceled
 
 
@@ -686,13 +747,14 @@ def payment_flow() -> aggregate.Flow:
             Step("order.created", "handle_order_created", on_order_created,
                  (PAYMENT_INTENT_CREATED,), sends=(PAYMENT_INTENT_LINKS,),
                  calls=plan_order_created),
+            Step("order.updated", "handle_order_updated", on_order_updated,
+                 calls=plan_order_updated),
             Step("order.expired", "handle_order_expired", on_order_closed, calls=plan_cancel),
             Step("order.canceled", "handle_order_canceled", on_order_closed, calls=plan_cancel),
             Step("stripe", "apply_stripe_fact", on_stripe_fact,
-                 (PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_REFUNDED)),
+                 (PAYMENT_INTENT_CREATED, PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_REFUNDED)),
             Step("refund", "create_refund", create_refund, (PAYMENT_REFUNDED,), calls=plan_refund),
-            Step("retry", "retry_payment", retry, (PAYMENT_COMPLETED, PAYMENT_FAILED),
-                 calls=plan_retry),
+            Step("retry", "retry_payment", retry, (PAYMENT_COMPLETED,), calls=plan_retry),
         ),
         load=Payment.from_dict,
         dump=Payment.to_dict,

@@ -355,6 +355,10 @@ def _amount(event: StripeEvent, obj: Mapping[str, Any], name: str) -> int | None
     value = obj.get(name)
     if value is None:
         return None
+    if isinstance(value, str) and value.isdigit():
+        # localstripe echoes an amount changed by an update as the form's text;
+        # Stripe always sends an integer.
+        return int(value)
     if not _is_int(value):
         raise NotAStripeEvent(f"{event.id}: {name} is not an integer")
     return int(value)

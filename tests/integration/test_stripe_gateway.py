@@ -235,6 +235,17 @@ async def test_an_open_intent_is_canceled_once(stripe_gateway: StripeGateway) ->
         await stripe_gateway.call(stripe_call("cancel_payment_intent", payment_intent_id=intent["id"]))
 
 
+async def test_an_open_intent_follows_its_orders_new_amount(stripe_gateway: StripeGateway) -> None:  # noqa: F811
+    intent = await stripe_gateway.call(stripe_call("create_payment_intent", amount=1000, currency="eur",
+                                                   metadata=order_metadata()))
+    updated = await stripe_gateway.call(stripe_call("update_payment_intent", payment_intent_id=intent["id"],
+                                                    amount=2500, currency="EUR"))
+    assert (updated["id"], updated["amount"], updated["currency"]) == (intent["id"], 2500, "eur")
+    paid = await stripe_gateway.call(stripe_call("confirm_payment_intent", payment_intent_id=intent["id"],
+                                                 payment_method="pm_card_visa"))
+    assert (paid["status"], paid["amount"]) == ("succeeded", 2500)
+
+
 async def test_cancelling_a_succeeded_intent_is_refused(stripe_gateway: StripeGateway) -> None:  # noqa: F811
     intent = await paid_intent(stripe_gateway)
     with pytest.raises(CallRefused) as refused:

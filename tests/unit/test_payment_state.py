@@ -291,24 +291,28 @@ def test_the_flow_table_is_keyed_by_order_and_names_the_seed_handlers() -> None:
     handlers = {s.input: s.handler for s in FLOW.steps}
     assert handlers == {
         "order.created": "handle_order_created",
+        "order.updated": "handle_order_updated",
         "order.expired": "handle_order_expired",
         "order.canceled": "handle_order_canceled",
         "stripe": "apply_stripe_fact",
         "refund": "create_refund",
         "retry": "retry_payment",
     }
-    assert set(FLOW.topics) == {"order.created", "order.expired", "order.canceled", PAYMENT_COMMANDS}
+    assert set(FLOW.topics) == {"order.created", "order.updated", "order.expired", "order.canceled",
+                                PAYMENT_COMMANDS}
 
 
 def test_each_step_declares_what_it_emits_sends_and_calls() -> None:
     declared = {s.input: (set(s.emits), set(s.sends), s.calls is not None) for s in FLOW.steps}
     assert declared == {
         "order.created": ({PAYMENT_INTENT_CREATED}, {PAYMENT_INTENT_LINKS}, True),
+        "order.updated": (set(), set(), True),
         "order.expired": (set(), set(), True),
         "order.canceled": (set(), set(), True),
-        "stripe": ({PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_REFUNDED}, set(), False),
+        "stripe": ({PAYMENT_INTENT_CREATED, PAYMENT_COMPLETED, PAYMENT_FAILED, PAYMENT_REFUNDED},
+                   set(), False),
         "refund": ({PAYMENT_REFUNDED}, set(), True),
-        "retry": ({PAYMENT_COMPLETED, PAYMENT_FAILED}, set(), True),
+        "retry": ({PAYMENT_COMPLETED}, set(), True),
     }
     assert FLOW.follow is index_updates and FLOW.view is payment_view
     assert FLOW.load == Payment.from_dict and FLOW.dump is Payment.to_dict
@@ -987,18 +991,32 @@ def test_the_index_is_updated_only_when_the_summary_changed() -> None:
     assert index_updates(part, more) == ()
 
 
-@pytest.mark.xfail(strict=True, raises=Invalid,
-                   reason="the payment flow reads neither order.updated nor order.payment_pending "
-                   "(README's topic table says payment_service does; order_state says "
-                   "order.payment_pending lets the intent be kept in line after a PATCH): an order "
-                   "whose total changed while PAYMENT_PENDING keeps an intent for the old amount, and "
-                   "its payment.completed is then refused by the order")
+def order_updated(**changes: Any) -> dict[str, Any]:
+    return new_event("order.updated", {"order_id": ORDER, "user_id": USER,
+                                       "changes": {k: json.dumps(v) for k, v in changes.items()},
+                                       "updated_fields": sorted(changes)},
+                     producer="order_service", now_ms=LATER)
+
+
 def test_an_order_total_changed_after_the_intent_reaches_the_payment() -> None:
-    event = new_event("order.payment_pending", {"order_id": ORDER, "user_id": USER, "payment_intent_id": PI,
-                                                "amount": AMOUNT + 1000, "currency": "EUR"},
-                      producer="order_service", now_ms=LATER)
+    event = order_updated(total_amount=AMOUNT + 1000, currency="EUR")
     ran = run(opened(), event, update_payment_intent=intent_answer())
-    assert ran.row.amount == AMOUNT + 1000
+    (call,) = ran.calls
+    assert call.args == {"payment_intent_id": PI, "amount": AMOUNT + 1000, "currency": "eur"}
+    assert call.idempotency_key == aggregate.derived_id("update_payment_intent", event["event_id"])
+    assert ran.row.amount == AMOUNT + 1000 and ran.events == []
+
+
+def test_an_order_update_that_leaves_the_price_or_a_paid_payment_calls_nothing() -> None:
+    assert run(opened(), order_updated(metadata={"a": "b"})).calls == []
+    assert run(opened(), order_updated(total_amount=AMOUNT)).calls == []
+    assert run(payment_in(S.SUCCEEDED), order_updated(total_amount=AMOUNT + 5)).calls == []
+
+
+def test_stripe_refusing_the_new_amount_is_a_refusal() -> None:
+    with pytest.raises(Conflict, match="refused to change"):
+        run(opened(), order_updated(total_amount=1), update_payment_intent=refused("too small",
+                                                                                   "amount_too_small"))
 
 
 def test_a_success_read_before_the_payment_row_is_not_dropped_silently() -> None:
@@ -1028,3 +1046,13 @@ def test_a_refund_retried_after_stripe_reported_it_first_answers_the_refund() ->
     assert reported.status is S.REFUNDED
     ran = run(reported, command, create_refund=refund_answer(RE_1500, AMOUNT))
     assert ran.decision.reply["refund_id"] == RE_1500 and ran.events == []
+
+
+def test_news_of_an_intent_before_its_payment_row_makes_the_row_and_announces_it_once() -> None:
+    """After a crash, Stripe's payment_intent.created may be decided before the replayed order.created."""
+    ran = run(None, fact("payment_intent_created"))
+    (event,) = ran.events
+    assert event["event_type"] == PAYMENT_INTENT_CREATED
+    assert event["event_id"] == fact_event_id(PAYMENT_INTENT_CREATED, PI)  # what our call's answer uses
+    assert ran.row.status is S.REQUIRES_PAYMENT and ran.row.payment_intent_id == PI
+    assert run(ran.row, order_created()).calls == []  # the replayed order.created opens no second intent

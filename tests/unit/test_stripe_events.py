@@ -361,7 +361,7 @@ def _broken(name: str, **changes: Any) -> dict[str, Any]:
     (_broken("payment_intent_succeeded", id=None), "without a PaymentIntent id"),
     (_broken("payment_intent_succeeded", id=7), "without a PaymentIntent id"),
     (_broken("payment_intent_succeeded", object="charge"), "not a payment_intent"),
-    (_broken("payment_intent_succeeded", amount="4999"), "amount is not an integer"),
+    (_broken("payment_intent_succeeded", amount="49.99"), "amount is not an integer"),
     (_broken("payment_intent_succeeded", metadata=["order_id"]), "metadata is not an object"),
     (_broken("charge_refunded", payment_intent=None), "charge without a PaymentIntent"),
     (_broken("charge_refunded", object="refund"), "not a charge"),
@@ -378,3 +378,9 @@ def test_a_consumed_event_without_what_its_fact_needs_is_refused(event: dict[str
     parsed = parse_event(raw(event))  # a well-formed event ...
     with pytest.raises(NotAStripeEvent, match=says):
         payment_fact(parsed)  # ... whose object cannot make a fact
+
+
+def test_an_amount_localstripe_echoes_as_digits_is_read_as_the_integer() -> None:
+    """localstripe answers an amount changed by an update as text; Stripe never does."""
+    fact = fact_of(_broken("payment_intent_succeeded", amount="4999"))
+    assert fact is not None and fact.amount == 4999
