@@ -79,6 +79,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         from streams.devtools.bench.codec import run_codec
 
         return run_codec(settings, args.count or 100_000)
+    if args.target == "ingress":
+        from streams.devtools.bench.ingress import QUICK as INGRESS_QUICK
+        from streams.devtools.bench.ingress import IngressOptions, run_ingress
+
+        picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency", "rounds")
+                  if getattr(args, name) is not None}
+        return run_ingress(settings, IngressOptions(**{**(INGRESS_QUICK if args.quick else {}), **picked}))
     from streams.devtools.bench.orders import QUICK, OrdersOptions, parse_parts, run_orders
 
     try:
@@ -127,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
                     "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
                     "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
-    bench.add_argument("target", choices=["codec", "orders"])
+    bench.add_argument("target", choices=["codec", "orders", "ingress"])
     bench.add_argument("-n", "--count", type=int, default=None, help="codec: records (default 100000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
                        help="orders: parts to run, by name or number (default: all four)")
@@ -150,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "this many seconds (default 30)")
     bench.add_argument("--table-orders", type=int, help="memory: orders the worker holds (default 1000000)")
     bench.add_argument("--kills", type=int, help="failover: SIGKILL + restart rounds (default 3)")
+    bench.add_argument("--rounds", type=int,
+                       help="ingress: pairs of one bare and one ours phase, order alternating (default 4); "
+                            "ingress also takes --duration (10), --warmup (3), --concurrency (64), --quick")
     bench.set_defaults(handler=_bench)
     return parser
 
