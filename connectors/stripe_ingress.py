@@ -166,7 +166,8 @@ class _Kafka:
         try:
             # The producer's own delivery timeout (ack_timeout) fails the record
             # first; this bound only guards against a callback that never comes.
-            await asyncio.wait_for(producer.send(topic, value, key, headers=headers), self.ack_timeout + 1.0)
+            async with asyncio.timeout(self.ack_timeout + 1.0):
+                await producer.send(topic, value, key, headers=headers)
         except ProduceError as exc:
             if self._own and exc.kafka_error is not None and exc.kafka_error.fatal() \
                     and producer is self.producer:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 import stripe
 from aiohttp import web
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from connectors.stripe_ingress import create_app
 from streams import catalog
@@ -128,13 +128,12 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Recor
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{topic}",
                          "enable.auto.commit": False, "enable.partition.eof": False})
     try:
+        deadline = time.monotonic() + timeout
         partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
-        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
-                for p in partitions}
+        ends = {p: _watermarks(consumer, TopicPartition(topic, p), deadline) for p in partitions}
         wanted = sum(high - low for low, high in ends.values())
         consumer.assign([TopicPartition(topic, p, low) for p, (low, _high) in ends.items()])
         records: list[Record] = []
-        deadline = time.monotonic() + timeout
         while len(records) < wanted:
             if time.monotonic() > deadline:
                 raise AssertionError(f"read {len(records)} of {wanted} records of {topic}")
@@ -148,6 +147,17 @@ def read_all(bootstrap: str, topic: str, *, timeout: float = 30.0) -> list[Recor
         return sorted(records, key=lambda r: r.partition)
     finally:
         consumer.close()
+
+
+def _watermarks(consumer: Consumer, partition: TopicPartition, deadline: float) -> tuple[int, int]:
+    """A partition's (low, high) offsets, retried while a new topic has no leader yet."""
+    while True:
+        try:
+            return consumer.get_watermark_offsets(partition, timeout=max(deadline - time.monotonic(), 1.0))
+        except KafkaException as exc:
+            if not exc.args[0].retriable() or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 async def read_all_async(bootstrap: str, topic: str) -> list[Record]:
