@@ -154,8 +154,8 @@ def _watermarks(consumer: Consumer, partition: TopicPartition, deadline: float) 
     while True:
         try:
             return consumer.get_watermark_offsets(partition, timeout=max(deadline - time.monotonic(), 1.0))
-        except KafkaException as exc:
-            if not exc.args[0].retriable() or time.monotonic() > deadline:
+        except KafkaException:  # e.g. NOT_LEADER_FOR_PARTITION (librdkafka: not "retriable")
+            if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
 
