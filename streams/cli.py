@@ -67,6 +67,13 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, loglevel=args.loglevel)
 
 
+def _stripe(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.devtools import localstripe
+
+    return localstripe.cli(args.action, settings, intent_id=args.intent_id, card=args.card,
+                           webhook_url=args.webhook_url)
+
+
 def _ingress(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.stripe_ingress import run
 
@@ -128,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     ingress = commands.add_parser(
         "ingress", help="serve the Stripe webhook ingress (signed webhooks -> the stripe.events topic)")
     ingress.set_defaults(handler=_ingress)
+
+    from streams.devtools.localstripe import add_arguments as stripe_arguments
+
+    stripe = commands.add_parser(
+        "stripe", help="local Stripe stand-in (localstripe): start|stop|status, webhook (send its "
+                       "webhooks to the ingress), confirm pi_... (pay an intent with a test card)")
+    stripe_arguments(stripe)
+    stripe.set_defaults(handler=_stripe)
 
     bench = commands.add_parser(
         "bench", help="measure a path against raw-client baselines in the same run",

@@ -207,8 +207,13 @@ def payment_view(payment: Payment) -> dict[str, Any]:
     for internal in ("applied_ids", "idempotency_keys", "client_secret"):
         del view[internal]
     view["refundable_amount"] = payment.refundable
-    view["refunds"] = sorted(view["refunds"].values(), key=lambda r: (r["created_at_ms"], r["refund_id"]))
+    view["refunds"] = [_refund_shown(r) for r in
+                       sorted(view["refunds"].values(), key=lambda r: (r["created_at_ms"], r["refund_id"]))]
     return view
+
+
+def _refund_shown(refund: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in refund.items() if k != "command_id"}  # bookkeeping, not the refund
 
 
 def payment_summary(payment: Payment) -> dict[str, Any]:
@@ -628,7 +633,7 @@ def plan_refund(payment: Payment | None, command: Mapping[str, Any]) -> list[Cal
 
 
 def refund_view(payment: Payment, refund_id: str) -> dict[str, Any]:
-    return {**payment.refunds[refund_id], "payment": payment_view(payment)}
+    return {**_refund_shown(payment.refunds[refund_id]), "payment": payment_view(payment)}
 
 
 def create_refund(payment: Payment | None, command: Mapping[str, Any], now_ms: int,
