@@ -1,6 +1,8 @@
 """The payment tests' harness: the whole payment path as it is deployed, driven from outside.
 
-:class:`PaymentStack` runs, for one test module:
+A :class:`PaymentStack` runs (``payment_stack``: one for the session's tests
+that leave the worker alone; :func:`running_stack`: one of a test module's
+own, e.g. to kill its worker):
 
 - private copies of every topic on the shared broker (a prefix of its own),
   created up front, with the session's schema registry;
@@ -22,14 +24,16 @@ own payload shape (``tests/fixtures/stripe/docs_*.json``, with ids, amounts
 and metadata replaced), signed the way Stripe signs them.
 
 localstripe sends every event to every endpoint registered with it, and the
-session shares one localstripe: events of other tests' intents reach this
-ingress too.  They name no order of this stack (or none at all), so the
-worker keeps them as unlinked intents, and they publish nothing here.
+session shares one localstripe: events of other stacks' and tests' intents
+reach this ingress too.  They name no order of this stack (or none at all),
+so the worker keeps them (as intents of unknown orders, or unlinked) and
+publishes nothing for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import os
@@ -71,8 +75,8 @@ from tests.integration.worker_process import WorkerProcess
 
 #: The webhook signing secret of every payment test stack (a test value, not a secret).
 WEBHOOK_SECRET = "whsec_paystream_payment_tests"
-#: One endpoint id for all payment test modules: a module's stack replaces the last one's.
-ENDPOINT_ID = "paystream-payment-tests"
+#: localstripe webhook endpoint ids of the stacks: this, then the stack's name.
+ENDPOINT_PREFIX = "paystream-payment-tests-"
 #: What localstripe sends of the payment flow (it sends nothing else the ingress keeps).
 LOCALSTRIPE_EVENTS = ("payment_intent.succeeded", "payment_intent.payment_failed")
 PAYMENT_EVENTS = ("payment.intent.created", "payment.completed", "payment.failed",
@@ -82,7 +86,7 @@ CURRENCY = "EUR"
 #: How long a worker (re)start may take to serve the API.
 SERVE_TIMEOUT = 90.0
 
-__all__ = ["PaymentStack", "localstripe", "payment_stack"]
+__all__ = ["PaymentStack", "localstripe", "payment_stack", "running_stack"]
 
 
 def source_topics(settings: Settings) -> list[str]:
@@ -241,6 +245,7 @@ class PaymentStack:
         self.settings = settings
         self.localstripe = localstripe
         self.state_dir = state_dir
+        self.endpoint_id = ENDPOINT_PREFIX + settings.topic_prefix.rstrip(".")
         self.worker = WorkerProcess(settings_env(settings), settings.worker_web_port,
                                     state_dir / "worker-state", name="worker")
         self.ingress = IngressProcess(settings, state_dir / "ingress.log")
@@ -266,7 +271,7 @@ class PaymentStack:
             await loop.run_in_executor(None, create_topics, settings)
             stack.worker.launch()
             await loop.run_in_executor(None, stack.ingress.start)
-            localstripe.register_webhook(ENDPOINT_ID, stack.ingress.webhook_url, WEBHOOK_SECRET,
+            localstripe.register_webhook(stack.endpoint_id, stack.ingress.webhook_url, WEBHOOK_SECRET,
                                          events=LOCALSTRIPE_EVENTS)
             stack.reader = EventReader(settings, (*ORDER_EVENTS, *PAYMENT_EVENTS))
             stack.dead_letters = DeadLetterReader(settings)
@@ -281,8 +286,9 @@ class PaymentStack:
     async def stop(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            # Nothing of localstripe's goes to a dead port later.
-            self.localstripe.register_webhook(ENDPOINT_ID, self.ingress.webhook_url, WEBHOOK_SECRET,
+            # localstripe cannot forget an endpoint: it is narrowed to an event type that
+            # does not exist, so nothing goes to this stack's port once it is gone.
+            self.localstripe.register_webhook(self.endpoint_id, self.ingress.webhook_url, WEBHOOK_SECRET,
                                               events=["paystream.none"])
         finally:
             for reader in (self.reader, self.dead_letters):
@@ -460,19 +466,29 @@ class PaymentStack:
         return [d for d in self.dead_letters.seen if d.key == key]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def payment_stack(kafka_bootstrap: str, registry_url: str, localstripe: LocalStripe,
-                        tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
-                        ) -> AsyncIterator[PaymentStack]:
-    """One :class:`PaymentStack` per test module (its tests keep apart by their own users and orders).
-
-    The module's tests must run in the module's event loop
-    (``pytest.mark.asyncio(loop_scope="module")``).
-    """
-    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
-    state_dir = tmp_path_factory.mktemp(name)
-    stack = await PaymentStack.start(kafka_bootstrap, registry_url, localstripe, state_dir, name)
+@contextlib.asynccontextmanager
+async def running_stack(kafka_bootstrap: str, registry_url: str, localstripe: LocalStripe,
+                        state_dir: Path, name: str, **overrides: Any) -> AsyncIterator[PaymentStack]:
+    """A started :class:`PaymentStack`, stopped on leaving the block."""
+    stack = await PaymentStack.start(kafka_bootstrap, registry_url, localstripe, state_dir, name,
+                                     **overrides)
     try:
         yield stack
     finally:
         await stack.stop()
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def payment_stack(kafka_bootstrap: str, registry_url: str, localstripe: LocalStripe,
+                        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PaymentStack]:
+    """One :class:`PaymentStack` for the session's payment tests that leave the worker running.
+
+    A start costs 15-25 s on a busy machine, so the flow, refund and bad
+    input modules share one; their tests keep apart by their own users,
+    orders and intents, and run in the session's event loop
+    (``pytest.mark.asyncio(loop_scope="session")``).  A test that kills the
+    worker starts a stack of its own with :func:`running_stack`.
+    """
+    async with running_stack(kafka_bootstrap, registry_url, localstripe,
+                             tmp_path_factory.mktemp("payments"), "shared") as stack:
+        yield stack

@@ -5,22 +5,38 @@ intent paystream never opened; a record on ``stripe.events`` may not come
 from the ingress at all.  Each case goes through the deployed stack
 (:mod:`tests.integration.payment_support`) and is judged from the topics,
 the dead letters, the intent index's changelog and the API.  The ingress'
-own refusals (signatures, bodies, sizes, Kafka down) are
-``test_stripe_ingress.py``'s.
+own refusals (signatures, bodies, sizes) and its Kafka-down answers are
+``test_stripe_ingress.py``'s; the last test here follows a webhook refused
+while Kafka was down to the order it pays.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from streams import catalog
-from tests.integration.payment_support import PaymentStack, encode, intent_event
+from streams.devtools.localkafka import LocalKafka
+from streams.devtools.localstripe import LocalStripe
+from streams.devtools.registry_runner import RegistryThread, registry_settings
+from streams.kernel import CallRefused
+from streams.settings import Settings
+from tests.integration.payment_support import (
+    WEBHOOK_SECRET,
+    PaymentStack,
+    encode,
+    intent_event,
+    running_stack,
+)
+from tests.integration.pipeline_support import free_port, wait_until
+from tests.integration.stripe_support import WebhookReceiver
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
 def user() -> str:
@@ -157,3 +173,71 @@ async def test_a_consumed_type_with_an_unreadable_object_is_stored_by_the_ingres
     assert "metadata is not an object" in letters[0].header("dlq.error")
     assert not stack.events("payment.completed", order_id=order["order_id"])
     assert (await stack.payment(intent_id))["status"] == "REQUIRES_PAYMENT"
+
+
+async def test_with_kafka_down_stripes_retry_is_accepted_once_it_is_back_and_pays_once(
+        localstripe: LocalStripe, tmp_path: Path) -> None:
+    """The ingress' own Kafka-down tests stop at "stored once"; this follows the event to the order.
+
+    Everything runs on a private broker (the shared one is never stopped):
+    the payer pays while it is down, localstripe's one delivery is answered
+    503 (localstripe never retries; Stripe does, re-signing each attempt), so
+    the test retries it as Stripe would, with the body localstripe signed
+    (seen by an observing endpoint), until the ingress takes it.
+    """
+    loop = asyncio.get_running_loop()
+    broker = LocalKafka(tmp_path / "kafka", port=free_port(), controller_port=free_port(), heap="512m")
+    print(f"\nprivate broker answering after {await loop.run_in_executor(None, broker.start):.1f}s")
+    registry = None
+    observer = await WebhookReceiver(WEBHOOK_SECRET).start()
+    observer_id = f"paystream-payment-tests-observer-{uuid.uuid4().hex[:8]}"
+    try:
+        base = Settings.from_env(kafka_bootstrap_servers=broker.bootstrap)
+        registry = RegistryThread(registry_settings(base, "_schemas", free_port())).start()
+        async with running_stack(broker.bootstrap, registry.url, localstripe, tmp_path,
+                                 "kafka-down") as stack:
+            localstripe.register_webhook(observer_id, observer.url, WEBHOOK_SECRET,
+                                         events=["payment_intent.succeeded"])
+            order, intent_id = await stack.open_payment(user(), 2700)
+            order_id = order["order_id"]
+
+            await loop.run_in_executor(None, broker.stop)
+            confirmed = await stack.confirm(intent_id, "pm_card_visa")  # Stripe does not need our Kafka
+            assert not isinstance(confirmed, CallRefused) and confirmed["status"] == "succeeded"
+            delivery = await observer.wait_for("payment_intent.succeeded", intent_id, timeout=30)
+
+            async def refused_by_ingress() -> bool:
+                metrics = (await stack.webhooks.get(f"{stack.ingress.url}/metrics")).text
+                return "paystream_ingress_webhooks_unavailable_total 0\n" not in metrics
+
+            await wait_until(refused_by_ingress, timeout=20, what="localstripe's delivery answered 503")
+            down = await stack.post_webhook(delivery.body)
+            assert down.status_code == 503, down.text
+
+            await loop.run_in_executor(None, broker.start)
+            statuses = []
+            deadline = time.monotonic() + 60
+            while not statuses or statuses[-1] != 200:
+                assert time.monotonic() < deadline, f"no 200 within 60 s: {statuses}"
+                await asyncio.sleep(0 if not statuses else 1.0)
+                statuses.append((await stack.post_webhook(delivery.body)).status_code)
+                assert statuses[-1] in (200, 503), statuses
+
+            [completed] = await stack.events_of("payment.completed", order_id=order_id, timeout=90)
+            assert completed["payment_intent_id"] == intent_id
+            await stack.events_of("order.completed", order_id=order_id, timeout=60)
+            await stack.settle(timeout=60)
+            await asyncio.sleep(1.0)
+            await stack.settle(timeout=60)
+            assert len(stack.events("payment.completed", order_id=order_id)) == 1
+            assert len(stack.events("order.completed", order_id=order_id)) == 1
+            assert (await stack.payment(intent_id))["status"] == "SUCCEEDED"
+            assert (await stack.order(order_id))["status"] == "COMPLETED"
+            assert not stack.dead_letters_of(intent_id.encode())
+            print(f"ingress answers after the broker came back: {statuses}")
+    finally:
+        localstripe.register_webhook(observer_id, observer.url, WEBHOOK_SECRET, events=["paystream.none"])
+        await observer.stop()
+        if registry is not None:
+            registry.stop()
+        await loop.run_in_executor(None, broker.stop)

@@ -31,14 +31,17 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import pytest
+import pytest_asyncio
 
+from streams.devtools.localstripe import LocalStripe
 from streams.kernel import CallRefused
-from tests.integration.payment_support import PaymentStack
+from tests.integration.payment_support import PaymentStack, running_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -53,6 +56,15 @@ SERVE_TIMEOUT = 90.0
 #: After the last restart: how long the expected events may take.
 SETTLE_TIMEOUT = 90.0
 QUIET = 3.0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def crash_stack(kafka_bootstrap: str, registry_url: str, localstripe: LocalStripe,
+                      tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[PaymentStack]:
+    """A stack of this module's own: its worker is killed."""
+    async with running_stack(kafka_bootstrap, registry_url, localstripe,
+                             tmp_path_factory.mktemp("payment-crash"), "crash") as stack:
+        yield stack
 
 
 class StepFailed(Exception):
@@ -188,8 +200,8 @@ class CrashRun:
 
 
 async def test_sigkills_never_open_two_payment_intents_for_an_order_nor_lose_one(
-        payment_stack: PaymentStack) -> None:
-    stack = payment_stack
+        crash_stack: PaymentStack) -> None:
+    stack = crash_stack
     seed = int(os.environ.get("PAYSTREAM_CRASH_SEED") or random.SystemRandom().randrange(2**32))
     rng = random.Random(seed)
     run_id = uuid.uuid4().hex[:6]

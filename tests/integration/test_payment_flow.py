@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 
 from streams.kernel import CallRefused
 from tables.payment_state import fact_event_id
-from tests.integration.payment_support import PaymentStack
+from tests.integration.payment_support import PaymentStack, insufficient_funds_event
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 
 def user() -> str:
@@ -98,3 +99,55 @@ async def test_a_declined_card_fails_the_payment_and_cancels_the_order(payment_s
     assert not stack.events("order.completed", order_id=order_id)
     assert len(stack.events("payment.failed", order_id=order_id)) == 1
     assert not stack.dead_letters_of(order_id.encode())
+
+
+async def test_a_top_up_retries_a_payment_that_failed_for_want_of_funds(payment_stack: PaymentStack) -> None:
+    stack = payment_stack
+    user_id = user()
+    order, intent_id = await stack.open_payment(user_id, 3900)
+    order_id = order["order_id"]
+
+    # Stripe declines for insufficient funds (localstripe has no such card: posted signed).
+    declined = insufficient_funds_event(intent_id, amount=3900, order_id=order_id, user_id=user_id)
+    await stack.deliver(declined)
+    [failed] = await stack.events_of("payment.failed", order_id=order_id)
+    assert (failed["error_code"], failed["event_id"]) == (
+        "insufficient_funds", fact_event_id("payment.failed", declined["id"]))
+    await stack.settle()  # the user -> payments index knows the payment is retryable now
+    assert (await stack.order(order_id))["status"] == "PAYMENT_PENDING"
+    assert not stack.events("order.canceled", order_id=order_id)
+    payment = await stack.payment(intent_id)
+    assert (payment["status"], payment["failure_code"], payment["payment_method"]) == (
+        "FAILED", "insufficient_funds", "pm_card_visa")
+
+    def balance_changed(delta: int) -> dict[str, Any]:
+        return stack.writer.send("wallet.balance_changed", {
+            "user_id": user_id, "wallet_id": f"w-{user_id}", "balance_amount": 10_000 + delta,
+            "delta_amount": delta, "currency": "EUR", "transaction_id": uuid.uuid4().hex})
+
+    balance_changed(-500)  # money going out retries nothing
+    await stack.settle()
+    assert (await stack.payment(intent_id))["status"] == "FAILED"
+    assert (await stack.stripe_intent(intent_id))["status"] == "requires_payment_method"
+
+    balance_changed(+5000)  # money coming in: the payment is confirmed again with its card
+    [completed] = await stack.events_of("payment.completed", order_id=order_id)
+    assert completed["event_id"] == fact_event_id("payment.completed", intent_id)
+    await stack.events_of("order.completed", order_id=order_id)
+    intent = await stack.stripe_intent(intent_id)
+    assert (intent["status"], intent["payment_method"]) == ("succeeded", "pm_card_visa")
+
+    # localstripe's payment_intent.succeeded for the retry arrives about 1 s later: nothing new.
+    await asyncio.sleep(2.0)
+    balance_changed(+100)  # and a later top-up has nothing left to retry
+    await stack.settle()
+    assert len(stack.events("payment.completed", order_id=order_id)) == 1
+    assert len(stack.events("order.completed", order_id=order_id)) == 1
+    assert len(stack.events("payment.failed", order_id=order_id)) == 1
+    stored = [dict(r.headers)["stripe.type"]
+              for r in await stack.stripe_records() if r.key == intent_id.encode()]
+    assert stored == [b"payment_intent.payment_failed", b"payment_intent.succeeded"]
+    payment = await stack.payment(intent_id)
+    assert (payment["status"], payment["attempts"], payment["failure_code"]) == ("SUCCEEDED", 2, None)
+    assert (await stack.order(order_id))["status"] == "COMPLETED"
+    assert not stack.dead_letters_of(order_id.encode()) and not stack.dead_letters_of(user_id.encode())

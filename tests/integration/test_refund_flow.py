@@ -17,7 +17,7 @@ import pytest
 from tables.payment_state import fact_event_id
 from tests.integration.payment_support import PaymentStack, refund_object, stripe_event
 
-pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 AMOUNT = 5000
 
