@@ -151,3 +151,32 @@ async def test_a_top_up_retries_a_payment_that_failed_for_want_of_funds(payment_
     assert (payment["status"], payment["attempts"], payment["failure_code"]) == ("SUCCEEDED", 2, None)
     assert (await stack.order(order_id))["status"] == "COMPLETED"
     assert not stack.dead_letters_of(order_id.encode()) and not stack.dead_letters_of(user_id.encode())
+
+
+async def test_an_order_that_expires_or_is_canceled_cancels_its_open_payment_intent(
+        payment_stack: PaymentStack) -> None:
+    stack = payment_stack
+    expiring = await stack.create_order(user(), 1100, payment_window_seconds=3)
+    [expiring_intent] = await stack.events_of("payment.intent.created", order_id=expiring["order_id"])
+    canceled, canceled_intent = await stack.open_payment(user(), 1200)
+    answer = await stack.api.post(f"/orders/{canceled['order_id']}/cancel", json={},
+                                  headers={"Idempotency-Key": uuid.uuid4().hex})
+    assert answer.status_code == 200, answer.text
+
+    await stack.events_of("order.expired", order_id=expiring["order_id"], timeout=30)
+    await stack.events_of("order.canceled", order_id=canceled["order_id"])
+    await stack.settle()
+    for intent_id in (expiring_intent["payment_intent_id"], canceled_intent):
+        assert (await stack.payment(intent_id))["status"] == "CANCELED"
+        assert (await stack.stripe_intent(intent_id))["status"] == "canceled"
+        # The payer comes too late: Stripe refuses, and nothing is published.
+        refused = await stack.confirm(intent_id, "pm_card_visa")
+        assert isinstance(refused, CallRefused), refused
+    await asyncio.sleep(1.5)
+    await stack.settle()
+    for order in (expiring, canceled):
+        assert not stack.events("payment.completed", order_id=order["order_id"])
+        assert not stack.events("payment.failed", order_id=order["order_id"])
+        assert not stack.dead_letters_of(order["order_id"].encode())
+    assert (await stack.order(expiring["order_id"]))["status"] == "EXPIRED"
+    assert (await stack.order(canceled["order_id"]))["status"] == "CANCELED"

@@ -10,6 +10,7 @@ intent, and from the API.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
@@ -118,3 +119,60 @@ async def test_a_payment_that_was_not_paid_cannot_be_refunded(payment_stack: Pay
     await stack.settle()
     assert await stack.stripe_refunds(intent_id) == []
     assert not stack.events("payment.refunded", order_id=order["order_id"])
+
+
+async def test_concurrent_refund_requests_never_refund_more_than_was_paid(
+        payment_stack: PaymentStack) -> None:
+    stack = payment_stack
+    order, intent_id = await stack.paid_order(f"u-refund-{uuid.uuid4().hex[:8]}", 2400)
+    order_id = order["order_id"]
+
+    # The same request twice at once (a client retrying before its first answer): one refund.
+    key = f"refund-same-{uuid.uuid4().hex}"
+    same = await asyncio.gather(*(stack.refund(intent_id, key, amount=400) for _ in range(2)))
+    assert [a.status_code for a in same] == [201, 201], [a.text for a in same]
+    assert same[0].json()["refund_id"] == same[1].json()["refund_id"]
+
+    # Two different requests at once, each for all that remains: one of them.
+    rest = await asyncio.gather(*(stack.refund(intent_id, f"refund-rest-{uuid.uuid4().hex}")
+                                  for _ in range(2)))
+    assert sorted(a.status_code for a in rest) == [201, 409], [a.text for a in rest]
+    [won] = [a.json() for a in rest if a.status_code == 201]
+    assert won["amount"] == 2000 and won["payment"]["status"] == "REFUNDED"
+
+    await stack.settle()
+    on_stripe = await stack.stripe_refunds(intent_id)
+    assert sorted(r["amount"] for r in on_stripe) == [400, 2000]
+    assert sorted(e["amount"] for e in stack.events("payment.refunded", order_id=order_id)) == [400, 2000]
+    assert (await stack.order(order_id))["status"] == "REFUNDED"
+
+
+async def test_a_refund_made_on_stripe_directly_is_reported_once(payment_stack: PaymentStack) -> None:
+    """A refund from Stripe's dashboard: paystream learns it from refund.* / charge.refunded alone."""
+    stack = payment_stack
+    order, intent_id = await stack.paid_order(f"u-refund-{uuid.uuid4().hex[:8]}", 3000)
+    order_id = order["order_id"]
+    made = await stack.stripe_http.post("/v1/refunds", data={"payment_intent": intent_id, "amount": 500})
+    assert made.status_code == 200, made.text
+    refund = made.json()  # no paystream metadata: the intent index knows the order
+    obj = refund_object(refund["id"], intent_id, refund["charge"], 500, {})
+    obj["reason"] = None
+
+    await stack.deliver(stripe_event("refund_created", {**obj, "status": "pending"}))
+    await stack.settle()
+    assert not stack.events("payment.refunded", order_id=order_id)  # pending: no money moved yet
+    assert (await stack.payment(intent_id))["refunds"][0]["status"] == "pending"
+
+    await stack.deliver(stripe_event("refund_updated", obj))
+    [refunded] = await stack.events_of("payment.refunded", order_id=order_id)
+    assert (refunded["refund_id"], refunded["amount"], refunded["reason"]) == (refund["id"], 500, "OTHER")
+    assert refunded["event_id"] == fact_event_id("payment.refunded", refund["id"])
+    await stack.deliver(stripe_event("charge_refunded_with_refunds", {
+        "id": refund["charge"], "payment_intent": intent_id, "amount": 3000, "amount_refunded": 500,
+        "currency": "eur", "metadata": {}, "refunds": {"object": "list", "data": [obj], "has_more": False,
+                                                       "total_count": 1}}))
+    await stack.settle()
+    assert len(stack.events("payment.refunded", order_id=order_id)) == 1
+    payment = await stack.payment(intent_id)
+    assert (payment["status"], payment["refunded_amount"]) == ("PARTIALLY_REFUNDED", 500)
+    assert (await stack.wait_status(order_id, "PARTIALLY_REFUNDED"))["refunded_amount"] == 500
