@@ -22,8 +22,8 @@
    answers 200 ``{"received": true}`` only after Kafka acknowledged it
    (idempotent producer, ``acks=all``).  No acknowledgement within
    :data:`ACK_TIMEOUT_SECONDS` (broker down, slow, topic missing) -> 503
-   ``unavailable`` with ``Retry-After``, well inside Stripe's webhook
-   timeout, so Stripe delivers the event again later.
+   ``unavailable`` with ``Retry-After``: an answer in a few seconds rather
+   than a hung request, and Stripe delivers the event again later.
 
 At least once, not exactly once: a record whose acknowledgement was lost
 (the broker wrote it but the 503 went out) is stored again when Stripe
@@ -67,9 +67,10 @@ WEBHOOK_PATH = "/webhooks/stripe"
 #: Stripe's own default tolerance for the signature timestamp.
 SIGNATURE_TOLERANCE_SECONDS = 300
 #: How long a webhook waits for Kafka's acknowledgement before 503.  Stripe
-#: gives an endpoint several seconds more than this before it counts a
-#: timeout; the producer's delivery timeout is the same, so a record that
-#: was answered 503 is not still waiting in the producer's queue.
+#: asks endpoints to answer quickly and does not publish its exact timeout;
+#: five seconds is short for it and long for a healthy broker (milliseconds).
+#: The producer's delivery timeout is the same, so a record answered 503 is
+#: not still waiting in the producer's queue.
 ACK_TIMEOUT_SECONDS = 5.0
 #: ``Retry-After`` of a 503 (Stripe schedules its own retries; other callers
 #: may use it).
