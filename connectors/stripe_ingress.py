@@ -30,6 +30,12 @@ At least once, not exactly once: a record whose acknowledgement was lost
 retries, and Stripe itself may send an event twice.  Both are answered 200
 and stored twice; the payment agent dedupes on the Stripe event id.
 
+A SIGKILL at the one await between reading a webhook and answering it
+(the acknowledgement, step 4): Stripe gets no 2xx and delivers the event
+again; the record is in Kafka or not, so the retry stores it once or a
+second time, which the payment agent's dedupe makes harmless.  Nothing
+is kept in memory that a restart would need.
+
 ``GET /healthz``: 200 while the process serves.  ``GET /readyz``: 200 when
 Kafka answers a metadata request for the topic within
 :data:`READY_TIMEOUT_SECONDS` and the topic exists, else 503.
