@@ -10,14 +10,17 @@ from the payment API.
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from typing import Any
 
 import pytest
 
+from schemas import contracts
 from streams.kernel import CallRefused
 from tables.payment_state import fact_event_id
 from tests.integration.payment_support import PaymentStack, insufficient_funds_event
+from tests.integration.pipeline_support import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -180,3 +183,47 @@ async def test_an_order_that_expires_or_is_canceled_cancels_its_open_payment_int
         assert not stack.dead_letters_of(order["order_id"].encode())
     assert (await stack.order(expiring["order_id"]))["status"] == "EXPIRED"
     assert (await stack.order(canceled["order_id"]))["status"] == "CANCELED"
+
+
+async def test_a_declined_retry_is_reported_once(payment_stack: PaymentStack) -> None:
+    """A retry Stripe declines is announced once: by Stripe's payment_failed webhook, not also by the retry.
+
+    With orders in the same worker a card_declined failure cancels the
+    order, and its order.canceled usually cancels the payment before
+    localstripe's webhook (sent 1 s later) arrives, which would hide a second
+    announcement.  Here the order service is elsewhere (order.created is
+    written to its topic as the order service would), so the payment stays
+    FAILED after the declined retry, as it does in production for a retry
+    declined for insufficient funds again, and the webhook's fact meets an
+    open payment.
+    """
+    stack = payment_stack
+    user_id, order_id = user(), str(uuid.uuid4())
+    stack.writer.send("order.created", contracts.payload(
+        "order.created", order_id=order_id, user_id=user_id, order_type="ONE_TIME", total_amount=3900,
+        currency="EUR", items=[{"product_id": "sku-retry", "quantity": 1, "unit_amount": 3900}]),
+        producer="order_service")
+    [created] = await stack.events_of("payment.intent.created", order_id=order_id)
+    intent_id = created["payment_intent_id"]
+    await stack.deliver(insufficient_funds_event(intent_id, amount=3900, order_id=order_id, user_id=user_id,
+                                                 payment_method="pm_card_chargeCustomerFail"))
+    await stack.events_of("payment.failed", order_id=order_id)
+    await stack.settle()
+    stack.writer.send("wallet.balance_changed", {
+        "user_id": user_id, "wallet_id": f"w-{user_id}", "balance_amount": 9000, "delta_amount": 5000,
+        "currency": "EUR", "transaction_id": None})
+
+    async def webhook_stored() -> bool:
+        types = [dict(r.headers)["stripe.type"] for r in await stack.stripe_records()
+                 if r.key == intent_id.encode()]
+        return types.count(b"payment_intent.payment_failed") == 2  # ours, then localstripe's
+
+    await wait_until(webhook_stored, timeout=20, what="localstripe's payment_failed webhook stored")
+    await stack.settle()
+    failures = stack.events("payment.failed", order_id=order_id)
+    assert [e["error_code"] for e in failures] == ["insufficient_funds", "card_declined"], failures
+    stored = [r for r in await stack.stripe_records() if r.key == intent_id.encode()]
+    stripe_ids = [json.loads(r.value)["id"] for r in stored]
+    assert [e["event_id"] for e in failures] == [fact_event_id("payment.failed", i) for i in stripe_ids]
+    payment = await stack.payment(intent_id)
+    assert (payment["status"], payment["failure_code"], payment["attempts"]) == ("FAILED", "card_declined", 2)
