@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 
+from schemas import contracts
 from streams import catalog
 from streams.devtools.localkafka import LocalKafka
 from streams.devtools.localstripe import LocalStripe
 from streams.devtools.registry_runner import RegistryThread, registry_settings
 from streams.kernel import CallRefused
 from streams.settings import Settings
+from tables import payment_state
 from tests.integration.payment_support import (
     WEBHOOK_SECRET,
     PaymentStack,
@@ -241,3 +243,42 @@ async def test_with_kafka_down_stripes_retry_is_accepted_once_it_is_back_and_pay
         if registry is not None:
             registry.stop()
         await loop.run_in_executor(None, broker.stop)
+
+
+async def test_stripes_news_of_an_intent_before_the_order_created_that_opened_it(
+        payment_stack: PaymentStack) -> None:
+    """The replay order after a crash: order.created and Stripe's webhook are read in either order.
+
+    The worker opened the intent (the call here is its exact call: same
+    arguments, same idempotency key) and published payment.intent.created,
+    then died before it wrote the payment row; the payer paid.  Restarted,
+    it may read the webhook first: the payment row is made from the fact,
+    and the replayed order.created (written to its topic as the order
+    service would, the order service being elsewhere) finds the row and opens
+    no second intent.
+    """
+    stack = payment_stack
+    user_id, order_id = user(), str(uuid.uuid4())
+    created = stack.writer.event("order.created", contracts.payload(
+        "order.created", order_id=order_id, user_id=user_id, order_type="ONE_TIME", total_amount=4100,
+        currency="EUR", items=[{"product_id": "sku-replay", "quantity": 1, "unit_amount": 4100}]),
+        producer="order_service")
+    [call] = payment_state.plan_order_created(None, created)
+    intent = await stack.payer.call(call)  # what the worker did before it died
+    confirmed = await stack.confirm(intent["id"], "pm_card_visa")
+    assert not isinstance(confirmed, CallRefused) and confirmed["status"] == "succeeded"
+    [completed] = await stack.events_of("payment.completed", order_id=order_id)
+    assert completed["event_id"] == payment_state.fact_event_id("payment.completed", intent["id"])
+
+    stack.writer.send_event(created)  # the replayed order.created, read after the webhook
+    await stack.settle()
+    await asyncio.sleep(1.0)
+    await stack.settle()
+    assert [i["id"] for i in (await stack.stripe_intents_by_order([order_id]))[order_id]] == [intent["id"]]
+    assert not [e for e in stack.events("payment.intent.created", order_id=order_id)
+                if e["payment_intent_id"] != intent["id"]]
+    assert len(stack.events("payment.completed", order_id=order_id)) == 1
+    payment = await stack.order_payment(order_id)
+    assert (payment["status"], payment["payment_intent_id"], payment["amount"]) == (
+        "SUCCEEDED", intent["id"], 4100)
+    assert not stack.dead_letters_of(intent["id"].encode())

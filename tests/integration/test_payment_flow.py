@@ -227,3 +227,28 @@ async def test_a_declined_retry_is_reported_once(payment_stack: PaymentStack) ->
     assert [e["event_id"] for e in failures] == [fact_event_id("payment.failed", i) for i in stripe_ids]
     payment = await stack.payment(intent_id)
     assert (payment["status"], payment["failure_code"], payment["attempts"]) == ("FAILED", "card_declined", 2)
+
+
+async def test_a_changed_order_total_reaches_the_intent_before_the_payer_pays(
+        payment_stack: PaymentStack) -> None:
+    stack = payment_stack
+    order, intent_id = await stack.open_payment(user(), 2000)
+    order_id = order["order_id"]
+    items = [{"product_id": "sku-pay", "quantity": 3, "unit_amount": 1100}]
+    answer = await stack.api.patch(f"/orders/{order_id}", json={"items": items},
+                                   headers={"Idempotency-Key": uuid.uuid4().hex})
+    assert answer.status_code == 200, answer.text
+    await stack.events_of("order.updated", order_id=order_id)
+    await stack.settle()  # the payment service brought the intent in line
+    assert int((await stack.stripe_intent(intent_id))["amount"]) == 3300
+    assert (await stack.payment(intent_id))["amount"] == 3300
+
+    confirmed = await stack.confirm(intent_id, "pm_card_visa")
+    assert not isinstance(confirmed, CallRefused) and confirmed["amount"] == 3300
+    [completed] = await stack.events_of("payment.completed", order_id=order_id)
+    assert (completed["amount"], completed["payment_intent_id"]) == (3300, intent_id)
+    [finished] = await stack.events_of("order.completed", order_id=order_id)
+    assert finished["total_amount"] == 3300
+    await stack.settle()
+    assert not stack.dead_letters_of(order_id.encode())
+    assert [i["id"] for i in (await stack.stripe_intents_by_order([order_id]))[order_id]] == [intent_id]
