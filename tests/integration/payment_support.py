@@ -298,8 +298,10 @@ class PaymentStack:
             await self.webhooks.aclose()
             await self.stripe_http.aclose()
             await self.payer.close()
-            await loop.run_in_executor(None, self.ingress.stop)
-            await loop.run_in_executor(None, self.worker.stop)
+            # The stack's state is thrown away with it: the worker is SIGKILLed rather
+            # than given the seconds a graceful stop takes.
+            await asyncio.gather(loop.run_in_executor(None, self.ingress.stop),
+                                 loop.run_in_executor(None, self.worker.kill))
 
     # -- the order side ------------------------------------------------
 

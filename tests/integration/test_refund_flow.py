@@ -30,6 +30,16 @@ async def test_partial_then_full_refund_with_refusals_retries_and_stripe_echoes(
     order_id = order["order_id"]
     first_key, second_key = f"refund-1-{uuid.uuid4().hex}", f"refund-2-{uuid.uuid4().hex}"
 
+    # Requests that are not refunds of this payment: refused before Stripe is asked.
+    for body, code in (({"amount": 0}, "invalid"), ({"amount": -5}, "invalid"), ({"amount": "12"}, "invalid"),
+                       ({"amount": True}, "invalid"), ({"reason": "BECAUSE"}, "invalid"),
+                       ({"amount": 100, "currency": "USD"}, "bad_request")):
+        refused = await stack.refund(intent_id, f"refund-bad-{uuid.uuid4().hex}", **body)
+        assert (refused.status_code, refused.json()["error"]) == (400, code), (body, refused.text)
+    unknown = await stack.refund(f"pi_unknown{uuid.uuid4().hex[:12]}", None, amount=100)
+    assert (unknown.status_code, unknown.json()["error"]) == (404, "not_found"), unknown.text
+    assert await stack.stripe_refunds(intent_id) == []
+
     # A partial refund.
     answer = await stack.refund(intent_id, first_key, amount=1200, reason="REQUESTED_BY_CUSTOMER")
     assert answer.status_code == 201, answer.text
