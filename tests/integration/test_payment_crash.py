@@ -7,7 +7,9 @@ HTTP by a careful client (one Idempotency-Key per order, retried on connection
 errors, 503 and 504); most of them are paid by a payer who confirms the
 order's PaymentIntent on localstripe with a test card as soon as
 ``payment.intent.created`` shows it, and localstripe's webhook reaches the
-ingress (which stays up) whatever state the worker is in.  Meanwhile the
+ingress (which stays up) whatever state the worker is in; half of the paid
+orders are then partly refunded through the API (one Idempotency-Key per
+refund, retried like the creates).  Meanwhile the
 worker is SIGKILLed and restarted at once: the first kill right after a burst
 of creates was answered (``order.created`` published, so the payment agent's
 ``handle_order_created`` and its Stripe call are under way or about to be),
@@ -17,8 +19,10 @@ The verdict, once everything settled: localstripe holds exactly one
 PaymentIntent per order (listed and matched by ``metadata.order_id``), every
 order has ``payment.intent.created`` under one event id naming that intent,
 no order got an intent under a second id, paid orders have exactly one
-``payment.completed`` event id and end COMPLETED, the others end
-PAYMENT_PENDING with an open payment, and nothing was dead-lettered.
+``payment.completed`` event id and end COMPLETED, a refunded one has
+exactly one Stripe refund and one ``payment.refunded`` id and ends
+PARTIALLY_REFUNDED, the unpaid ones end PAYMENT_PENDING with an open
+payment, and nothing was dead-lettered.
 
 ``PAYSTREAM_CRASH_SEED=<seed>`` replays the plan and kill delays (timing still varies).
 """
@@ -49,6 +53,8 @@ ORDERS = 24
 #: Orders created at once at the start; the first kill comes when they are answered.
 BURST = 8
 PAID_SHARE = 0.7
+#: Of the paid orders, those partly refunded through the API once paid.
+REFUND_SHARE = 0.5
 #: Later orders start at random within this many seconds, across the random kills.
 SPREAD = 25.0
 RANDOM_KILLS = 2
@@ -78,6 +84,10 @@ class PlannedOrder:
     amount: int
     paid: bool
     start_after: float
+    #: A partial refund through the API once paid (0: none), under its own Idempotency-Key.
+    refund: int = 0
+    refund_key: str = field(default_factory=lambda: uuid.uuid4().hex)
+    refund_id: str | None = None
     key: str = field(default_factory=lambda: uuid.uuid4().hex)
     order_id: str | None = None
     intent_id: str | None = None
@@ -169,6 +179,14 @@ class CrashRun:
                     raise StepFailed(f"confirm {order.label}: {confirmed}")
                 order.step = "wait for order.completed"
                 await self.wait_event("order.completed", order)
+                if order.refund:
+                    order.step = "refund"
+                    answer = await self.client.send(
+                        "POST", f"/payments/{order.intent_id}/refunds", f"refund {order.label}", (201,),
+                        json={"amount": order.refund}, headers={"Idempotency-Key": order.refund_key})
+                    order.refund_id = answer.json()["refund_id"]
+                    order.step = "wait for order.refunded"
+                    await self.wait_event("order.refunded", order)
             else:
                 order.step = "wait for order.payment_pending"
                 await self.wait_event("order.payment_pending", order)
@@ -208,8 +226,12 @@ async def test_sigkills_never_open_two_payment_intents_for_an_order_nor_lose_one
     orders = [PlannedOrder(f"order-{i}", f"u-crash-{run_id}-{i}", rng.randrange(500, 9000, 10),
                            rng.random() < PAID_SHARE, 0.0 if i < BURST else rng.uniform(0.5, SPREAD))
               for i in range(ORDERS)]
+    for order in orders:
+        if order.paid and rng.random() < REFUND_SHARE:
+            order.refund = rng.randrange(100, order.amount, 10)
     print(f"\npayment crash test seed {seed} (replay: PAYSTREAM_CRASH_SEED={seed}): {ORDERS} orders, "
-          f"{sum(o.paid for o in orders)} paid, {1 + RANDOM_KILLS} kills", flush=True)
+          f"{sum(o.paid for o in orders)} paid, {sum(bool(o.refund) for o in orders)} of them partly "
+          f"refunded, {1 + RANDOM_KILLS} kills", flush=True)
     run = CrashRun(stack, orders, rng)
     tailer = asyncio.create_task(run.tail())
     try:
@@ -256,12 +278,22 @@ async def test_sigkills_never_open_two_payment_intents_for_an_order_nor_lose_one
         if len(completed) != want or len(finished) != want:
             problems["payment.completed / order.completed ids not as planned"].append(
                 f"{order.label} {order_id} paid={order.paid}: {len(completed)} / {len(finished)}")
+        refunds = await stack.stripe_refunds(order.intent_id) if order.intent_id else []
+        refunded = {e["event_id"]: e for e in stack.events("payment.refunded", order_id=order_id)}
+        want_refunds = [(order.refund_id, order.refund)] if order.refund else []
+        if [(r["id"], r["amount"]) for r in refunds] != want_refunds or sorted(
+                (e["refund_id"], e["amount"]) for e in refunded.values()) != want_refunds:
+            problems["refunds on Stripe / payment.refunded ids not one per refund request"].append(
+                f"{order.label} {order_id}: Stripe {[(r['id'], r['amount']) for r in refunds]}, "
+                f"events {[(e['refund_id'], e['amount']) for e in refunded.values()]}, "
+                f"expected {want_refunds}")
         for topic in ("payment.failed", "order.canceled", "order.expired"):
             if stack.events(topic, order_id=order_id):
                 problems["events that should not exist"].append(f"{order.label} {order_id}: {topic}")
         row = (await stack.api.get(f"/orders/{order_id}")).json()
         payment = (await stack.api.get(f"/orders/{order_id}/payment")).json()
-        want_row = ("COMPLETED", "SUCCEEDED") if order.paid else ("PAYMENT_PENDING", "REQUIRES_PAYMENT")
+        want_row = (("PARTIALLY_REFUNDED",) * 2 if order.refund else ("COMPLETED", "SUCCEEDED")) \
+            if order.paid else ("PAYMENT_PENDING", "REQUIRES_PAYMENT")
         got_row = (row.get("status"), payment.get("status"))
         if got_row != want_row or payment.get("payment_intent_id") != order.intent_id:
             problems["rows not in their expected final state"].append(
