@@ -269,6 +269,7 @@ class Order:
     payment_intent_id: str | None = None
     payment_id: str | None = None
     subscription_id: str | None = None
+    payment_method: str | None = None  # None: a card through Stripe; "wallet": wallet credits
     refunded_amount: int = 0
     refund_ids: list[str] = field(default_factory=list)
     cancel_reason: str | None = None
@@ -322,6 +323,7 @@ class Order:
             payment_intent_id=data.get("payment_intent_id"),
             payment_id=data.get("payment_id"),
             subscription_id=data.get("subscription_id"),
+            payment_method=data.get("payment_method"),
             refunded_amount=int(data.get("refunded_amount") or 0),
             refund_ids=list(data.get("refund_ids") or []),
             cancel_reason=data.get("cancel_reason"),
@@ -1204,7 +1206,10 @@ def expire(order: Order | None, command: Mapping[str, Any], now_ms: int) -> Deci
 #: Arguments of a create command: the order.created payload's fields the
 #: requester chooses (the order id is the command's target).
 CREATE_ARGS = frozenset({"user_id", "order_type", "items", "currency", "total_amount", "expires_at",
-                         "subscription_id"})
+                         "subscription_id", "payment_method", "wallet_transaction_id"})
+
+#: The one payment method besides a card: the user's wallet credits.
+WALLET = "wallet"
 
 
 def create(order: Order | None, command: Mapping[str, Any], now_ms: int, default_window_ms: int) -> Decision:
@@ -1226,8 +1231,10 @@ def create(order: Order | None, command: Mapping[str, Any], now_ms: int, default
     order_id = _text(command, "order_id")
     event = {name: command[name] for name in CREATE_ARGS if name in command}
     event.update(event_id=created_id, occurred_at=issued_at, order_id=order_id)
+    transaction_id = _wallet_payment(command, order_id)
     created = on_order_created(order, event, now_ms, default_window_ms).row
     created.create_key = command.get("idempotency_key")
+    created.payment_method = WALLET if transaction_id else None
     _remember_request(created, command)
     payload = _payload(
         ORDER_CREATED,
@@ -1239,8 +1246,30 @@ def create(order: Order | None, command: Mapping[str, Any], now_ms: int, default
         items=copy.deepcopy(created.items),
         subscription_id=created.subscription_id,
         expires_at=created.payment_deadline_ms,
+        payment_method=created.payment_method,
     )
-    return Decision(row=created, emit=(Emission(ORDER_CREATED, payload, occurred_at=issued_at),))
+    emitted = Emission(ORDER_CREATED, payload, occurred_at=issued_at)
+    if transaction_id is None:
+        return Decision(row=created, emit=(emitted,))
+    # Paid when placed: the API deducted the credits (under a key derived from
+    # the order) before it sent this command, so the order completes at once.
+    completed = on_payment_completed(created, {
+        "event_id": aggregate.derived_id(command_id, ORDER_COMPLETED, "wallet"),
+        "order_id": order_id, "payment_intent_id": transaction_id, "amount": created.total_amount,
+        "currency": created.currency}, now_ms)
+    completed.row.payment_intent_id = None  # paid by the wallet transaction (payment_id), no intent
+    return Decision(row=completed.row, emit=(emitted, *completed.emit))
+
+
+def _wallet_payment(command: Mapping[str, Any], order_id: str) -> str | None:
+    """The wallet transaction that paid the order being created, or None (a card will)."""
+    method = command.get("payment_method")
+    if method is None:
+        return None
+    if method != WALLET:
+        raise InvalidCommand(f"payment_method must be {WALLET!r} or absent (a card), not {method!r}",
+                             order_id=order_id, field="payment_method")
+    return _text(command, "wallet_transaction_id", order_id=order_id)
 
 
 # --------------------------------------------------------------------------
@@ -1342,7 +1371,7 @@ def order_flow(default_window_ms: int) -> aggregate.Flow:
         return create(order, command, now_ms, default_window_ms)
 
     steps = (
-        Step("create", "create_order", create_order, (ORDER_CREATED,), deadline=E.SET),
+        Step("create", "create_order", create_order, (ORDER_CREATED, ORDER_COMPLETED), deadline=E.SET),
         Step("payment.intent.created", "handle_payment_intent_created",
              _for_order(on_payment_intent_created), (ORDER_PAYMENT_PENDING,)),
         Step("payment.completed", "handle_payment_completed", _for_order(on_payment_completed),

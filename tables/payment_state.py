@@ -338,6 +338,7 @@ def _intent_key(order_id: str) -> str:
 
 def _wants_intent(payment: Payment | None, event: Mapping[str, Any]) -> bool:
     return (payment is None and event.get("order_type") in INTENT_ORDER_TYPES
+            and event.get("payment_method") is None  # "wallet": paid with credits when placed
             and isinstance(event.get("total_amount"), int) and event["total_amount"] > 0)
 
 
@@ -357,7 +358,8 @@ def on_order_created(payment: Payment | None, event: Mapping[str, Any], now_ms: 
     The intent carries the order and user ids in its metadata (its webhooks
     find their way back by them) and the order's amount and currency;
     ``payment.intent.created`` then moves the order to PAYMENT_PENDING.
-    Subscription orders (paid by invoices) and free orders get no intent.
+    Subscription orders (paid by invoices), free orders and orders paid with
+    wallet credits (``payment_method`` "wallet") get no intent.
     Stripe refusing the intent (an amount below its minimum, a currency it
     does not take) is a refusal: the event is dead-lettered with Stripe's
     reason and the order runs out its payment window.

@@ -1139,3 +1139,29 @@ def test_the_payment_error_is_cleared_once_the_order_is_paid() -> None:
     completed = step(on_payment_completed, waiting, completed_event())
     assert completed.payment_error is None
 
+
+
+def test_an_order_paid_with_wallet_credits_is_created_completed() -> None:
+    """The API deducted the credits before sending the create: the order is paid when placed."""
+    decision = create_order(None, create_command(order_type="ONE_TIME", payment_method="wallet",
+                                                 wallet_transaction_id="wtx-1"), LATER, WINDOW_MS)
+    created, completed = decision.emit
+    assert created.topic == "order.created" and created.payload["payment_method"] == "wallet"
+    assert completed.topic == "order.completed" and completed.payload["payment_id"] == "wtx-1"
+    order = decision.row
+    assert order.status is S.COMPLETED and order.payment_id == "wtx-1"
+    assert order.payment_intent_id is None and order.payment_method == "wallet"
+    assert deadline_of(order) is None  # nothing left to expire
+    assert Order.from_dict(order.to_dict()) == order
+
+
+def test_a_card_order_says_so_in_order_created() -> None:
+    (created,) = create_order(None, create_command(), LATER, WINDOW_MS).emit
+    assert created.payload["payment_method"] is None
+
+
+@pytest.mark.parametrize("overrides", [{"payment_method": "wallet"},
+                                       {"payment_method": "cash", "wallet_transaction_id": "wtx"}])
+def test_a_wallet_payment_needs_its_transaction_and_no_other_method_exists(overrides: dict[str, Any]) -> None:
+    with pytest.raises(Invalid):
+        create_order(None, create_command(**overrides), LATER, WINDOW_MS)

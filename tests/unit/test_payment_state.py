@@ -1056,3 +1056,8 @@ def test_news_of_an_intent_before_its_payment_row_makes_the_row_and_announces_it
     assert event["event_id"] == fact_event_id(PAYMENT_INTENT_CREATED, PI)  # what our call's answer uses
     assert ran.row.status is S.REQUIRES_PAYMENT and ran.row.payment_intent_id == PI
     assert run(ran.row, order_created()).calls == []  # the replayed order.created opens no second intent
+
+
+def test_an_order_paid_with_wallet_credits_gets_no_intent() -> None:
+    ran = run(None, order_created(payment_method="wallet"))
+    assert ran.calls == [] and ran.decision == NOOP
