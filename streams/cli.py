@@ -86,6 +86,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         from streams.devtools.bench.codec import run_codec
 
         return run_codec(settings, args.count or 100_000)
+    if args.target == "clients":
+        from streams.devtools.bench.clients import QUICK as CLIENTS_QUICK
+        from streams.devtools.bench.clients import ClientsOptions, run_clients
+
+        picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency", "rounds")
+                  if getattr(args, name) is not None}
+        return run_clients(settings, ClientsOptions(**{**(CLIENTS_QUICK if args.quick else {}), **picked}))
     if args.target == "ingress":
         from streams.devtools.bench.ingress import QUICK as INGRESS_QUICK
         from streams.devtools.bench.ingress import IngressOptions, run_ingress
@@ -149,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
                     "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
                     "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
-    bench.add_argument("target", choices=["codec", "orders", "ingress"])
+    bench.add_argument("target", choices=["codec", "orders", "ingress", "clients"])
     bench.add_argument("-n", "--count", type=int, default=None, help="codec: records (default 100000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
                        help="orders: parts to run, by name or number (default: all four)")
@@ -174,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--kills", type=int, help="failover: SIGKILL + restart rounds (default 3)")
     bench.add_argument("--rounds", type=int,
                        help="ingress: pairs of one bare and one ours phase, order alternating (default 4); "
-                            "ingress also takes --duration (10), --warmup (3), --concurrency (64), --quick")
+                            "ingress also takes --duration (10), --warmup (3), --concurrency (64), --quick; "
+                            "clients: --duration (5), --warmup (1), --concurrency (1), --rounds (3), --quick")
     bench.set_defaults(handler=_bench)
     return parser
 

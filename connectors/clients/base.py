@@ -264,6 +264,7 @@ class BaseClient:
         self.breaker = breaker or CircuitBreaker(self.service, self.options.breaker_failures,
                                                  self.options.breaker_cooldown_seconds)
         self.endpoints: dict[str, Endpoint] = {e.method_name: e for e in endpoints_of(self.service)}
+        self._path_params = {e.method_name: e.path_params for e in self.endpoints.values()}
 
     # -- the kernel's service signature ---------------------------------
 
@@ -367,7 +368,7 @@ class BaseClient:
 
     def _prepare(self, endpoint: Endpoint, request: Model) -> tuple[str, dict[str, str] | None, Any]:
         values = request.to_json()
-        path_params = endpoint.path_params
+        path_params = self._path_params[endpoint.method_name]
         path = endpoint.path_template.format(
             **{name: quote(str(values.pop(name)), safe="") for name in path_params})
         url = self.base_url + path
@@ -378,8 +379,7 @@ class BaseClient:
 
     def _parse(self, endpoint: Endpoint, data: bytes, status: int, attempt: int) -> Model:
         try:
-            where = f"{self.service}.{endpoint.method_name}"
-            return endpoint.response.from_json(json.loads(data), where=where)
+            return endpoint.response.from_json(json.loads(data))
         except (ValueError, SpecError) as error:  # JSONDecodeError is a ValueError
             raise BadResponse(f"{self.service}.{endpoint.method_name}: HTTP {status} answer does not fit "
                               f"the spec: {error}", service=self.service, method=endpoint.method_name,

@@ -72,21 +72,41 @@ class Model:
         return codec
 
     @classmethod
+    def _plan(cls) -> tuple[tuple[str, Any, Any, bool, bool], ...]:
+        """``(name, scalar type or None, hint, optional, required)`` per field, computed once per class."""
+        plan = cls.__dict__.get("_plan_cache")
+        if plan is None:
+            rows = []
+            for name, hint, required in cls.fields_spec():
+                optional = _optional(hint)
+                bare = next(h for h in hint.__args__ if h is not type(None)) if optional else hint
+                rows.append((name, bare if bare in (str, int, bool) else None, hint, optional, required))
+            plan = tuple(rows)
+            type.__setattr__(cls, "_plan_cache", plan)
+        return plan
+
+    @classmethod
     def from_json(cls, data: Any, *, where: str = "") -> Self:
         """The model of a decoded JSON object; :class:`SpecError` when it does not fit."""
-        where = where or cls.__name__
         if not isinstance(data, Mapping):
-            raise SpecError(f"{where}: expected an object, got {type(data).__name__}")
+            raise SpecError(f"{where or cls.__name__}: expected an object, got {type(data).__name__}")
         values: dict[str, Any] = {}
-        for name, hint, required in cls.fields_spec():
+        for name, scalar, hint, optional, required in cls._plan():
             value = data.get(name)
             if value is None:
-                if _optional(hint):
+                if optional:
                     values[name] = None
                 elif required:
-                    raise SpecError(f"{where}.{name}: required")
+                    raise SpecError(f"{where or cls.__name__}.{name}: required")
                 continue
-            values[name] = _convert(value, hint, f"{where}.{name}")
+            if scalar is not None:
+                kind = value.__class__
+                if kind is not scalar and (scalar is bool or kind is bool or not isinstance(value, scalar)):
+                    raise SpecError(f"{where or cls.__name__}.{name}: expected {_NAMES[scalar]}, "
+                                    f"got {kind.__name__}")
+                values[name] = value
+            else:
+                values[name] = _convert(value, hint, f"{where or cls.__name__}.{name}")
         return cls(**values)
 
     @classmethod
@@ -102,7 +122,11 @@ class Model:
 
     def to_json(self) -> dict[str, Any]:
         """The wire form: a plain dict (nested models as dicts)."""
-        return {name: _to_json(getattr(self, name)) for name, _, _ in self.fields_spec()}
+        return {name: getattr(self, name) if scalar is not None else _to_json(getattr(self, name))
+                for name, scalar, _, _, _ in self._plan()}
+
+
+_NAMES = {str: "a string", int: "an integer", bool: "a boolean"}
 
 
 def _optional(hint: Any) -> bool:
@@ -127,17 +151,9 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         return dict(value)
     if isinstance(hint, type) and issubclass(hint, Model):
         return hint.from_json(value, where=where)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise SpecError(f"{where}: expected a boolean, got {type(value).__name__}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise SpecError(f"{where}: expected an integer, got {type(value).__name__}")
-        return value
-    if hint is str:
-        if not isinstance(value, str):
-            raise SpecError(f"{where}: expected a string, got {type(value).__name__}")
+    if hint in _NAMES:
+        if (value.__class__ is bool and hint is not bool) or not isinstance(value, hint):
+            raise SpecError(f"{where}: expected {_NAMES[hint]}, got {type(value).__name__}")
         return value
     raise SpecError(f"{where}: the spec has no rule for {hint!r}")  # pragma: no cover - spec bug
 
