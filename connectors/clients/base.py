@@ -96,9 +96,18 @@ class Rejected(ServiceError):
 
 
 class ServiceUnavailable(ServiceError):
-    """The service could not answer now (after the retries); transient for the kernel."""
+    """The service could not answer now (after the retries); transient for the kernel.
+
+    ``retry_after`` (seconds, or None) is a hint for an API answering 503:
+    what is left of an open breaker's cool-down, or the service's own
+    ``Retry-After``.
+    """
 
     retriable: ClassVar[bool] = True
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
 
 
 class BadResponse(ServiceUnavailable):
@@ -200,6 +209,12 @@ class CircuitBreaker:
             self._state = self.OPEN
             self._opened_at = self._clock()
         self._probing = False
+
+    def remaining_cooldown(self) -> float:
+        """Seconds until an open breaker lets a probe through (0 when it would now)."""
+        if self._state != self.OPEN:
+            return 0.0
+        return max(0.0, self.cooldown_seconds - (self._clock() - self._opened_at))
 
     def abandon(self) -> None:
         """An admitted attempt ended without a verdict (cancelled): let another probe go."""
@@ -318,7 +333,8 @@ class BaseClient:
                 self._log(logging.INFO, endpoint, "breaker_open", 0.0, attempt, idempotency_key)
                 raise ServiceUnavailable(
                     f"{self.service}.{method_name}: circuit breaker open", service=self.service,
-                    method=method_name, code="breaker_open", attempts=attempt - 1)
+                    method=method_name, code="breaker_open", attempts=attempt - 1,
+                    retry_after=breaker.remaining_cooldown())
             started = time.perf_counter()
             retry_after: float | None = None
             try:
@@ -357,7 +373,7 @@ class BaseClient:
                 failure = ServiceUnavailable(
                     f"{self.service}.{method_name}: HTTP {status} {message} (attempt {attempt})",
                     service=self.service, method=method_name, status=status, code=code or f"http_{status}",
-                    attempts=attempt)
+                    attempts=attempt, retry_after=retry_after)
                 self._log(logging.INFO, endpoint, status, elapsed, attempt, idempotency_key)
             if attempt >= attempts:
                 self._log(logging.WARNING, endpoint, "gave_up", 0.0, attempt, idempotency_key)

@@ -180,7 +180,7 @@ async def test_5xx_is_retried_then_gives_up(clients: ServiceClients, standins: S
     with pytest.raises(ServiceUnavailable) as gave_up:
         await clients.account.validate_user("u-demo")
     error = gave_up.value
-    assert (error.status, error.attempts, error.code) == (503, 3, "standin_failure")
+    assert (error.status, error.attempts, error.code, error.retry_after) == (503, 3, "standin_failure", None)
     assert error.retriable and transient(error)
     assert [e["status"] for e in received(standins, "account")] == [503, 503, 503]
 
@@ -213,13 +213,17 @@ async def test_a_dropped_connection_is_retried(clients: ServiceClients, standins
     assert [e["status"] for e in received(standins, "billing")] == ["dropped", 200]
 
 
-async def test_retry_after_is_honoured(standins: Standins) -> None:
+async def test_retry_after_is_honoured_and_handed_on(standins: Standins) -> None:
     options = ClientOptions(backoff_base_seconds=0.001, backoff_max_seconds=0.5, breaker_failures=50)
     fail(standins, "account", mode="error", status=429, times=1, retry_after=0.3)
     async with clients_for(standins, options) as clients:
         started = time.monotonic()
         assert (await clients.account.get_user_tier("u-demo")).tier == "basic"
         assert time.monotonic() - started >= 0.3
+        fail(standins, "account", mode="error", status=503, retry_after=7)
+        with pytest.raises(ServiceUnavailable) as gave_up:
+            await clients.account.get_user_tier("u-demo")
+        assert gave_up.value.retry_after == 7.0
 
 
 # ----------------------------------------------------------------------
@@ -280,6 +284,7 @@ async def test_breaker_opens_on_refused_connections_probes_and_closes(standins: 
         with pytest.raises(ServiceUnavailable) as fast:
             await clients.account.validate_user("u-demo")
         assert fast.value.code == "breaker_open" and time.monotonic() - started < 0.05
+        assert 0 < fast.value.retry_after <= 0.4  # what is left of the cool-down
         assert received(standins, "account") == []  # failed fast: nothing was sent
 
         await asyncio.sleep(0.45)
