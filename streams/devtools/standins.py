@@ -31,6 +31,10 @@ Control endpoints, on every stand-in's port:
   each ``{method, http_method, path, query, idempotency_key, body, status}``
   (``status`` is ``"dropped"`` for a dropped connection);
   ``DELETE /_standin/received`` forgets them;
+- ``GET /_standin/state`` -> the shared world as JSON (users, wallets,
+  transactions, plans, subscriptions, billing_records, notifications,
+  payment_intents, storage): what was done, once per key, as opposed to
+  what was received;
 - ``POST /_standin/fail`` ``{"mode": "error"|"slow"|"drop"|"ok", "status":
   503, "delay_seconds": 5, "times": null, "methods": null,
   "retry_after": null}``: answer ``status`` (with ``Retry-After`` when
@@ -114,6 +118,20 @@ class World:
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self.ids):06d}"
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, as JSON (``GET /_standin/state``): what the services did, not what they were asked."""
+        return {
+            "users": [u.to_json() for u in self.users.values()],
+            "wallets": [w.to_json() for w in self.wallets.values()],
+            "transactions": [t.to_json() for t in self.transactions],
+            "plans": [p.to_json() for p in self.plans.values()],
+            "subscriptions": sorted([user, plan] for user, plan in self.subscriptions),
+            "billing_records": [r.to_json() for r in self.billing],
+            "notifications": list(self.notifications),
+            "payment_intents": [i.to_json() for i in self.intents.values()],
+            "storage": [u.to_json() for u in self.storage.values()],
+        }
 
 
 def seeded_world() -> World:
@@ -380,6 +398,7 @@ class Standin:
             self.app.router.add_route(endpoint.http_method, endpoint.path_template, self._handler(endpoint))
         self.app.router.add_get("/_standin/health", self._health)
         self.app.router.add_get("/_standin/received", self._received)
+        self.app.router.add_get("/_standin/state", self._state)
         self.app.router.add_delete("/_standin/received", self._forget)
         self.app.router.add_post("/_standin/fail", self._fail)
         self.app.router.add_delete("/_standin/fail", self._heal)
@@ -481,6 +500,9 @@ class Standin:
         method = request.query.get("method")
         chosen = [e for e in self.received if method is None or e["method"] == method]
         return web.json_response({"service": self.service, "requests": chosen})
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.holder.world.to_json())
 
     async def _forget(self, request: web.Request) -> web.Response:
         self.received.clear()

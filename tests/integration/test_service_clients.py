@@ -472,6 +472,14 @@ async def test_standin_control_endpoints_over_http(standins: Standins) -> None:
             assert (await balance.json())["balance_amount"] == 42
         async with http.get(f"{base}/_standin/received", params={"method": "get_wallet"}) as got:
             assert [e["status"] for e in (await got.json())["requests"]] == [500]
+        for _ in range(2):
+            async with http.post(f"{base}/wallets/u-new/credits", headers={"Idempotency-Key": "c"},
+                                 json={"amount": 8, "currency": "EUR", "reason": "x"}) as credit:
+                assert credit.status == 201
+        async with http.get(f"{base}/_standin/state") as state:
+            world = await state.json()
+        assert [(t["user_id"], t["amount"]) for t in world["transactions"]] == [("u-new", 8)]
+        assert {w["user_id"]: w["balance_amount"] for w in world["wallets"]}["u-new"] == 50
         async with http.post(f"{base}/_standin/reset") as reset:
             assert reset.status == 200
         async with http.get(f"{base}/_standin/received") as got:

@@ -213,3 +213,17 @@ def test_a_client_needs_a_started_session() -> None:
     pool = SessionPool()
     with pytest.raises(RuntimeError, match="not started"):
         _ = pool.session
+
+
+def test_the_clients_never_import_dev_tooling() -> None:
+    import ast
+    from pathlib import Path
+
+    import connectors.clients
+
+    for path in Path(connectors.clients.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom | ast.Import):
+                names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                         else [alias.name for alias in node.names])
+                assert not any(n.startswith(("streams.devtools", "tests")) for n in names), path
