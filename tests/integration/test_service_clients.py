@@ -23,6 +23,7 @@ from aiohttp import web
 from connectors.clients import (
     BadResponse,
     ClientOptions,
+    ClientsService,
     NotFound,
     Rejected,
     ServiceClients,
@@ -424,6 +425,20 @@ async def test_one_session_is_reused_and_closed(standins: Standins) -> None:
     assert session.closed
     with pytest.raises(RuntimeError, match="not started"):
         await clients.account.get_user("u-demo")
+
+
+async def test_the_mode_service_opens_and_closes_the_session(standins: Standins) -> None:
+    """What ``app.add_dependency(ClientsService(clients))`` does with the worker's start and stop."""
+    clients = clients_for(standins)
+    service = ClientsService(clients)
+    assert not clients.pool.started
+    await service.start()
+    try:
+        assert clients.pool.started
+        assert (await clients.product.get_plan("plan-basic")).active
+    finally:
+        await service.stop()
+    assert not clients.pool.started
 
 
 async def test_logs_are_structured_and_hold_no_personal_data(
