@@ -78,6 +78,7 @@ class PaystreamApp(faust.App):
     settings: Settings
     schema_cache: SchemaCache
     event_topics: dict[str, faust.TopicT]
+    clients: Any  # connectors.clients.ServiceClients: the external services' clients
 
     # Faust's service lines ("Starting...") under a faust logger, so the
     # quiet logging config silences them; our own lines use ``log``.
@@ -242,6 +243,12 @@ def create_app(
         )
         for name, spec in catalog.CATALOG.items()
     }
+    # One pooled HTTP session for every service client of the process, opened
+    # with the app and closed at stop (connectors.clients).
+    from connectors.clients import ClientsService, ServiceClients
+
+    app.clients = ServiceClients.from_settings(settings)
+    app.add_dependency(ClientsService(app.clients))
     if registrars is None:
         from agents import registrars_for
 
