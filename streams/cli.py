@@ -100,6 +100,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency", "rounds")
                   if getattr(args, name) is not None}
         return run_ingress(settings, IngressOptions(**{**(INGRESS_QUICK if args.quick else {}), **picked}))
+    if args.target == "payments":
+        from streams.devtools.bench.payments import QUICK as PAYMENTS_QUICK
+        from streams.devtools.bench.payments import PaymentsOptions, run_payments
+
+        picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency")
+                  if getattr(args, name) is not None}
+        return run_payments(settings, PaymentsOptions(**{**(PAYMENTS_QUICK if args.quick else {}), **picked}))
     from streams.devtools.bench.orders import QUICK, OrdersOptions, parse_parts, run_orders
 
     try:
@@ -156,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
                     "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
                     "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
-    bench.add_argument("target", choices=["codec", "orders", "ingress", "clients"])
+    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients"])
     bench.add_argument("-n", "--count", type=int, default=None, help="codec: records (default 100000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
                        help="orders: parts to run, by name or number (default: all four)")
@@ -182,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int,
                        help="ingress: pairs of one bare and one ours phase, order alternating (default 4); "
                             "ingress also takes --duration (10), --warmup (3), --concurrency (64), --quick; "
-                            "clients: --duration (5), --warmup (1), --concurrency (1), --rounds (3), --quick")
+                            "clients: --duration (5), --warmup (1), --concurrency (1), --rounds (3), "
+                            "--quick; payments: --duration (30), --warmup (10), --concurrency (200), --quick")
     bench.set_defaults(handler=_bench)
     return parser
 
