@@ -3,7 +3,8 @@
 Each domain module exposes ``register(app)``, which declares its agents, tables
 and web routes on a :class:`streams.app.PaystreamApp`; :data:`DOMAINS` lists
 them by domain so the worker and the tests build the same app, with the
-domains ``PAYSTREAM_DOMAINS`` names.
+domains ``PAYSTREAM_DOMAINS`` names.  The sinks (``notifications``,
+``billing``) are domains too, run by a worker group of their own.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from agents import orders, orders_api, payments, payments_api
+from connectors import sinks
 
 Registrar = Callable[[Any], Any]
 
@@ -19,6 +21,10 @@ Registrar = Callable[[Any], Any]
 DOMAINS: dict[str, list[Registrar]] = {
     "orders": [orders.register, orders_api.register],
     "payments": [payments.register, payments_api.register],
+    # The event sinks: not in the default PAYSTREAM_DOMAINS; they run in a
+    # worker group of their own (``paystream sinks``; see connectors.sinks).
+    "notifications": [sinks.register_notifications],
+    "billing": [sinks.register_billing],
 }
 
 #: Every domain's registrars.
