@@ -26,6 +26,7 @@ from aiohttp import web
 from faust import web as faust_web
 
 from agents.orders import OrderService
+from connectors.clients import NotFound, Rejected, ServiceUnavailable
 from streams.aggregate_api import (
     IDEMPOTENCY_HEADER,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -36,23 +37,27 @@ from streams.aggregate_api import (
     idempotency_key,
     json_body,
     router_of,
+    unavailable,
 )
 from streams.kernel import Aggregate
 from streams.routing import Router
-from tables import aggregate, order_index
+from tables import aggregate, order_index, order_state
+from tables.aggregate import Refusal
 from tables.deadlines import now_ms
+from tables.order_state import WALLET
 
 __all__ = ["IDEMPOTENCY_HEADER", "MAX_IDEMPOTENCY_KEY_LENGTH", "RETRY_AFTER", "BadRequest",
            "OrderApi", "register"]
 
 CREATE_FIELDS = frozenset({"user_id", "order_type", "items", "currency", "total_amount",
-                           "payment_window_seconds"})
+                           "payment_window_seconds", "payment_method"})
 REQUIRED_CREATE_FIELDS = ("user_id", "order_type", "items", "currency")
 #: The order id the first worker chose for a create without Idempotency-Key,
 #: forwarded to the owning worker.
 ORDER_ID_HEADER = "X-Paystream-Order-Id"
 
 _error, _json_body, _idempotency_key = error, json_body, idempotency_key
+_unavailable = unavailable
 
 
 class OrderApi(AggregateApi):
@@ -124,7 +129,60 @@ class OrderApi(AggregateApi):
             "create", "order_id", order_id, cause=None, now_ms=now_ms(), origin="api",
             command_id=command_id, **args, **extra,
         )
+        refused = await self._checked(record, body.get("payment_method"), key)
+        if refused is not None:
+            return refused
         return await self.command(record, success=201)
+
+    async def _checked(self, record: dict[str, Any], payment_method: Any,
+                       key: str | None) -> web.Response | None:
+        """The synchronous checks of a new order (the seed's decision matrix): None when it may go on.
+
+        Before anything is published: the account service must know the user
+        as active; a storage upgrade needs a user the storage service knows; an
+        order paid with wallet credits needs the balance, and the credits are
+        deducted here, under a key derived from the order, so a retried request
+        (same Idempotency-Key, same order id) deducts once.  A service that
+        cannot answer is 503 with Retry-After: no order is created half-checked.
+        The create command ``record`` gains the wallet transaction that paid
+        the order; it is checked by the order's own rules first, so no credits
+        are taken for an order the aggregate would refuse.
+        """
+        clients = self.app.clients
+        args, order_id = record["args"], record["order_id"]
+        user_id = str(args["user_id"])
+        try:
+            verdict = await clients.account.validate_user(user_id)
+            if not verdict.valid:
+                return _error(400, verdict.reason or "invalid_user",
+                              f"user {user_id} may not order: {verdict.reason}")
+            if args.get("order_type") == "STORAGE_UPGRADE":
+                await clients.storage.validate_quota(user_id, 0)  # NotFound: no storage to upgrade
+            if payment_method is not None:
+                if payment_method != WALLET:
+                    raise BadRequest(f"payment_method must be {WALLET!r} or absent (a card)")
+                if key is None:
+                    raise BadRequest(f"an order paid with wallet credits needs an {IDEMPOTENCY_HEADER}: "
+                                     "a retry without one could deduct twice")
+                window_ms = int(self.app.settings.order_payment_window_seconds * 1000)
+                dry_run = {**aggregate.command_message(record, "order_id"),
+                           "payment_method": WALLET, "wallet_transaction_id": "not-yet"}
+                order_state.create(None, dry_run, now_ms(), window_ms)  # a Refusal: take nothing
+                paid = await clients.wallet.deduct_credits(
+                    user_id, int(args["total_amount"]), str(args["currency"]), reason="order",
+                    idempotency_key=aggregate.derived_id("wallet-order", order_id), reference_id=order_id)
+                args.update(payment_method=WALLET, wallet_transaction_id=paid.transaction_id)
+        except ServiceUnavailable as exc:
+            return _unavailable(f"the {exc.service} service cannot answer now ({exc.code}); "
+                                "nothing was created")
+        except NotFound as exc:
+            return _error(400, exc.code or "not_found", f"{exc.service}: {exc}")
+        except Rejected as exc:
+            status = 402 if exc.code == "insufficient_funds" else 400
+            return _error(status, exc.code or "rejected", f"{exc.service}: {exc}")
+        except Refusal as refusal:
+            return _error(refusal.status, refusal.code, str(refusal))
+        return None
 
     # /orders/{order_id} -------------------------------------------------
     async def get(self, request: web.Request, order_id: str) -> web.Response:

@@ -115,6 +115,19 @@ class World:
     intents: dict[str, spec.PaymentIntent] = field(default_factory=dict)
     storage: dict[str, spec.StorageUsage] = field(default_factory=dict)
     ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    #: Every user id nobody seeded is an active basic user with an empty 10 GiB
+    #: storage (no wallet): for pipelines whose tests invent their users.
+    open_accounts: bool = False
+
+    def user(self, user_id: str) -> spec.User | None:
+        user = self.users.get(user_id)
+        if user is None and self.open_accounts:
+            user = self.users[user_id] = spec.User(
+                user_id=user_id, status="active", tier="basic", email=f"{user_id}@example.test",
+                name=user_id, created_at="2026-01-01T00:00:00Z")
+            self.storage.setdefault(user_id, spec.StorageUsage(user_id=user_id, used_bytes=0,
+                                                               quota_bytes=10 * GIB))
+        return user
 
     def new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self.ids):06d}"
@@ -177,7 +190,7 @@ def _now() -> str:
 
 
 def _user(world: World, user_id: str) -> spec.User:
-    user = world.users.get(user_id)
+    user = world.user(user_id)
     if user is None:
         raise StandinError(404, "user_not_found", "no such user")
     return user
@@ -191,7 +204,7 @@ def _wallet(world: World, user_id: str) -> spec.Wallet:
 
 
 def _validate_user(world: World, req: spec.UserRef) -> spec.UserValidation:
-    user = world.users.get(req.user_id)
+    user = world.user(req.user_id)
     if user is None:
         return spec.UserValidation(user_id=req.user_id, valid=False, reason="user_not_found")
     reason = None if user.status == "active" else f"user_{user.status}"
@@ -316,6 +329,7 @@ def _cancel(world: World, req: spec.CancelPaymentRequest) -> spec.PaymentStatus:
 
 
 def _storage(world: World, user_id: str) -> spec.StorageUsage:
+    world.user(user_id)  # an open world provisions storage with the user
     usage = world.storage.get(user_id)
     if usage is None:
         raise StandinError(404, "user_not_found", "storage knows no such user")

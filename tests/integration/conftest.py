@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,12 +15,32 @@ from streams.settings import Settings
 from tests.integration.payment_support import localstripe, payment_stack  # noqa: F401  (fixtures)
 from tests.integration.pipeline_support import Pipeline, private_settings
 from tests.integration.registry_support import RegistryThread, drop_topic, registry_settings
+from tests.integration.standin_support import StandinThread
 
 
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def standins() -> Iterator[StandinThread]:
+    """The external services (account, wallet, storage, ...) for the whole session.
+
+    Its URLs go into the environment before any settings are read, so every
+    app, worker subprocess and bench of the session asks these stand-ins.
+    """
+    runner = StandinThread().start()
+    saved = {name: os.environ.get(name) for name in runner.environment()}
+    os.environ.update(runner.environment())
+    yield runner
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    runner.stop()
 
 
 @pytest.fixture(scope="session")

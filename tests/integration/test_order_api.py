@@ -21,7 +21,7 @@ import pytest
 from yarl import URL
 
 from agents import orders_api
-from streams import catalog
+from streams import aggregate_api, catalog
 from tables import order_state
 from tests.integration.pipeline_support import (
     EventReader,
@@ -494,7 +494,7 @@ async def test_a_command_not_answered_in_time_answers_504_with_its_command_id(
 ) -> None:
     client = pipe.api.client
     user, create_key, cancel_key = uid("u-slow"), uid("create"), uid("cancel")
-    monkeypatch.setattr(orders_api, "COMMAND_TIMEOUT", 0.0)  # no aggregate answers in 0 s
+    monkeypatch.setattr(aggregate_api, "COMMAND_TIMEOUT", 0.0)  # no aggregate answers in 0 s
 
     def timed_out(response: Any) -> str:
         assert response.status_code == 504, response.text
