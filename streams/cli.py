@@ -74,6 +74,12 @@ def _stripe(args: argparse.Namespace, settings: Settings) -> int:
                            webhook_url=args.webhook_url)
 
 
+def _standins(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.devtools.standins import run
+
+    return run(settings)
+
+
 def _ingress(args: argparse.Namespace, settings: Settings) -> int:
     from connectors.stripe_ingress import run
 
@@ -149,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingress = commands.add_parser(
         "ingress", help="serve the Stripe webhook ingress (signed webhooks -> the stripe.events topic)")
     ingress.set_defaults(handler=_ingress)
+
+    standins = commands.add_parser(
+        "standins", help="dev stand-ins of the external services (account, wallet, billing, product, "
+                         "notification, payment, storage) on the ports of their *_SERVICE_URL")
+    standins.set_defaults(handler=_standins)
 
     from streams.devtools.localstripe import add_arguments as stripe_arguments
 
