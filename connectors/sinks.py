@@ -57,11 +57,22 @@ before (``tests/integration/test_sinks.py`` checks this with the
 notification service down).  The sink's table is empty (a sink keeps no
 state: the services remember the keys), so the group starts without
 recovery.
+
+The same argument holds between the two sinks: in one sink worker they share
+the conductor, so with the notification service down the billing sink goes
+on only until the stalled notification stream's buffer is full (Faust's
+``stream_buffer_maxsize``), and its commits on the shared topics wait for the
+notifications' (a restart then repeats billing calls under their keys:
+harmless).  Where billing must not wait for notifications, run each in a
+group of its own: ``PAYSTREAM_APP_ID=paystream-billing paystream sinks
+--domains billing`` and ``PAYSTREAM_APP_ID=paystream-notifications
+WORKER_WEB_PORT=6068 paystream sinks --domains notifications``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -69,6 +80,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.kernel import Aggregate, CallRefused, Service, transient
+from streams.settings import Settings
 from tables import billing_sink, notification_sink
 from tables.aggregate import Call, Flow
 from tables.sinks import UNAVAILABLE
@@ -77,6 +89,25 @@ log = logging.getLogger(__name__)
 
 #: How long one event's call may keep failing transiently before it is dead-lettered.
 PATIENCE_SECONDS = 600.0
+
+#: The sink domains of :data:`agents.DOMAINS`.
+SINK_DOMAINS = ("notifications", "billing")
+
+
+def sink_settings(settings: Settings, domains: str = ",".join(SINK_DOMAINS)) -> Settings:
+    """The settings of a sink worker (``paystream sinks``) next to the order/payment worker of ``settings``.
+
+    Its own consumer group (``<PAYSTREAM_APP_ID>-sinks``), the sink
+    ``domains`` only, and the web port after the worker's, so both run on one
+    host with the defaults (and their static membership ids differ).
+    ValueError for a domain that is no sink.
+    """
+    chosen = tuple(d.strip() for d in domains.split(",") if d.strip())
+    strangers = [d for d in chosen if d not in SINK_DOMAINS]
+    if not chosen or strangers:
+        raise ValueError(f"--domains: sink domains only ({', '.join(SINK_DOMAINS)}), got {domains!r}")
+    return dataclasses.replace(settings, app_id=f"{settings.app_id}-sinks", domains=",".join(chosen),
+                               worker_web_port=settings.worker_web_port + 1)
 
 
 class PatientService:

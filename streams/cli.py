@@ -67,6 +67,18 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     return run_worker(settings, loglevel=args.loglevel)
 
 
+def _sinks(args: argparse.Namespace, settings: Settings) -> int:
+    from connectors.sinks import sink_settings
+    from streams.app import run_worker
+
+    try:
+        chosen = sink_settings(settings, args.domains)
+    except ValueError as exc:
+        print(f"paystream sinks: {exc}", file=sys.stderr)
+        return 2
+    return run_worker(chosen, loglevel=args.loglevel)
+
+
 def _stripe(args: argparse.Namespace, settings: Settings) -> int:
     from streams.devtools import localstripe
 
@@ -151,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="start a Faust worker with every agent")
     worker.add_argument("--loglevel", default="info")
     worker.set_defaults(handler=_worker)
+
+    sinks = commands.add_parser(
+        "sinks", help="start a worker of the event sinks (notifications, billing records) in a group of "
+                      "their own: PAYSTREAM_APP_ID + '-sinks', WORKER_WEB_PORT + 1")
+    sinks.add_argument("--domains", default="notifications,billing",
+                       help="sink domains to run (default: notifications,billing)")
+    sinks.add_argument("--loglevel", default="info")
+    sinks.set_defaults(handler=_sinks)
 
     ingress = commands.add_parser(
         "ingress", help="serve the Stripe webhook ingress (signed webhooks -> the stripe.events topic)")
