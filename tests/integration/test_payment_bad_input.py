@@ -13,12 +13,15 @@ while Kafka was down to the order it pays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import pytest
+import pytest_asyncio
 
 from schemas import contracts
 from streams import catalog
@@ -28,13 +31,7 @@ from streams.devtools.registry_runner import RegistryThread, registry_settings
 from streams.kernel import CallRefused
 from streams.settings import Settings
 from tables import payment_state
-from tests.integration.payment_support import (
-    WEBHOOK_SECRET,
-    PaymentStack,
-    encode,
-    intent_event,
-    running_stack,
-)
+from tests.integration.payment_support import WEBHOOK_SECRET, PaymentStack, encode, intent_event
 from tests.integration.pipeline_support import free_port, wait_until
 from tests.integration.stripe_support import WebhookReceiver
 
@@ -177,74 +174,6 @@ async def test_a_consumed_type_with_an_unreadable_object_is_stored_by_the_ingres
     assert (await stack.payment(intent_id))["status"] == "REQUIRES_PAYMENT"
 
 
-async def test_with_kafka_down_stripes_retry_is_accepted_once_it_is_back_and_pays_once(
-        localstripe: LocalStripe, tmp_path: Path) -> None:
-    """The ingress' own Kafka-down tests stop at "stored once"; this follows the event to the order.
-
-    Everything runs on a private broker (the shared one is never stopped):
-    the payer pays while it is down, localstripe's one delivery is answered
-    503 (localstripe never retries; Stripe does, re-signing each attempt), so
-    the test retries it as Stripe would, with the body localstripe signed
-    (seen by an observing endpoint), until the ingress takes it.
-    """
-    loop = asyncio.get_running_loop()
-    broker = LocalKafka(tmp_path / "kafka", port=free_port(), controller_port=free_port(), heap="512m")
-    print(f"\nprivate broker answering after {await loop.run_in_executor(None, broker.start):.1f}s")
-    registry = None
-    observer = await WebhookReceiver(WEBHOOK_SECRET).start()
-    observer_id = f"paystream-payment-tests-observer-{uuid.uuid4().hex[:8]}"
-    try:
-        base = Settings.from_env(kafka_bootstrap_servers=broker.bootstrap)
-        registry = RegistryThread(registry_settings(base, "_schemas", free_port())).start()
-        async with running_stack(broker.bootstrap, registry.url, localstripe, tmp_path,
-                                 "kafka-down") as stack:
-            localstripe.register_webhook(observer_id, observer.url, WEBHOOK_SECRET,
-                                         events=["payment_intent.succeeded"])
-            order, intent_id = await stack.open_payment(user(), 2700)
-            order_id = order["order_id"]
-
-            await loop.run_in_executor(None, broker.stop)
-            confirmed = await stack.confirm(intent_id, "pm_card_visa")  # Stripe does not need our Kafka
-            assert not isinstance(confirmed, CallRefused) and confirmed["status"] == "succeeded"
-            delivery = await observer.wait_for("payment_intent.succeeded", intent_id, timeout=30)
-
-            async def refused_by_ingress() -> bool:
-                metrics = (await stack.webhooks.get(f"{stack.ingress.url}/metrics")).text
-                return "paystream_ingress_webhooks_unavailable_total 0\n" not in metrics
-
-            await wait_until(refused_by_ingress, timeout=20, what="localstripe's delivery answered 503")
-            down = await stack.post_webhook(delivery.body)
-            assert down.status_code == 503, down.text
-
-            await loop.run_in_executor(None, broker.start)
-            statuses = []
-            deadline = time.monotonic() + 60
-            while not statuses or statuses[-1] != 200:
-                assert time.monotonic() < deadline, f"no 200 within 60 s: {statuses}"
-                await asyncio.sleep(0 if not statuses else 1.0)
-                statuses.append((await stack.post_webhook(delivery.body)).status_code)
-                assert statuses[-1] in (200, 503), statuses
-
-            [completed] = await stack.events_of("payment.completed", order_id=order_id, timeout=90)
-            assert completed["payment_intent_id"] == intent_id
-            await stack.events_of("order.completed", order_id=order_id, timeout=60)
-            await stack.settle(timeout=60)
-            await asyncio.sleep(1.0)
-            await stack.settle(timeout=60)
-            assert len(stack.events("payment.completed", order_id=order_id)) == 1
-            assert len(stack.events("order.completed", order_id=order_id)) == 1
-            assert (await stack.payment(intent_id))["status"] == "SUCCEEDED"
-            assert (await stack.order(order_id))["status"] == "COMPLETED"
-            assert not stack.dead_letters_of(intent_id.encode())
-            print(f"ingress answers after the broker came back: {statuses}")
-    finally:
-        localstripe.register_webhook(observer_id, observer.url, WEBHOOK_SECRET, events=["paystream.none"])
-        await observer.stop()
-        if registry is not None:
-            registry.stop()
-        await loop.run_in_executor(None, broker.stop)
-
-
 async def test_stripes_news_of_an_intent_before_the_order_created_that_opened_it(
         payment_stack: PaymentStack) -> None:
     """The replay order after a crash: order.created and Stripe's webhook are read in either order.
@@ -282,3 +211,110 @@ async def test_stripes_news_of_an_intent_before_the_order_created_that_opened_it
     assert (payment["status"], payment["payment_intent_id"], payment["amount"]) == (
         "SUCCEEDED", intent["id"], 4100)
     assert not stack.dead_letters_of(intent["id"].encode())
+
+
+@dataclass
+class PrivateDeployment:
+    """A broker of its own with a registry and a payment stack on it (the Kafka-down test's)."""
+
+    broker: LocalKafka
+    registry: RegistryThread | None = None
+    stack: PaymentStack | None = None
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session", autouse=True)
+async def private_deployment(localstripe: LocalStripe, tmp_path_factory: pytest.TempPathFactory
+                             ) -> AsyncIterator[asyncio.Task[PrivateDeployment]]:
+    """The Kafka-down test's broker, registry and stack, started in the background.
+
+    Started when the module's first test starts and awaited by the Kafka-down
+    test (the module's last), so the 20-30 s a broker and a worker take to
+    start overlap the module's other tests instead of adding to them.
+    """
+    home = tmp_path_factory.mktemp("kafka-down")
+    deployment = PrivateDeployment(LocalKafka(home / "kafka", port=free_port(), controller_port=free_port(),
+                                              heap="512m"))
+
+    async def start() -> PrivateDeployment:
+        loop = asyncio.get_running_loop()
+        took = await loop.run_in_executor(None, deployment.broker.start)
+        print(f"\nprivate broker answering after {took:.1f}s", flush=True)
+        base = Settings.from_env(kafka_bootstrap_servers=deployment.broker.bootstrap)
+        deployment.registry = await loop.run_in_executor(
+            None, RegistryThread(registry_settings(base, "_schemas", free_port())).start)
+        deployment.stack = await PaymentStack.start(deployment.broker.bootstrap, deployment.registry.url,
+                                                    localstripe, home, "kafka-down")
+        return deployment
+
+    task = asyncio.create_task(start())
+    try:
+        yield task
+    finally:
+        with contextlib.suppress(BaseException):
+            await task
+        if deployment.stack is not None:
+            await deployment.stack.stop()
+        if deployment.registry is not None:
+            deployment.registry.stop()
+        await asyncio.get_running_loop().run_in_executor(None, deployment.broker.stop)
+
+
+async def test_with_kafka_down_stripes_retry_is_accepted_once_it_is_back_and_pays_once(
+        localstripe: LocalStripe, private_deployment: asyncio.Task[PrivateDeployment]) -> None:
+    """The ingress' own Kafka-down tests stop at "stored once"; this follows the event to the order.
+
+    Everything runs on a private broker (the shared one is never stopped):
+    the payer pays while it is down, localstripe's one delivery is answered
+    503 (localstripe never retries; Stripe does, re-signing each attempt), so
+    the test retries it as Stripe would, with the body localstripe signed
+    (seen by an observing endpoint), until the ingress takes it.
+    """
+    loop = asyncio.get_running_loop()
+    deployment = await asyncio.wait_for(asyncio.shield(private_deployment), 180)
+    broker, stack = deployment.broker, deployment.stack
+    assert stack is not None
+    observer = await WebhookReceiver(WEBHOOK_SECRET).start()
+    observer_id = f"paystream-payment-tests-observer-{uuid.uuid4().hex[:8]}"
+    localstripe.register_webhook(observer_id, observer.url, WEBHOOK_SECRET,
+                                 events=["payment_intent.succeeded"])
+    try:
+        order, intent_id = await stack.open_payment(user(), 2700)
+        order_id = order["order_id"]
+
+        await loop.run_in_executor(None, broker.stop)
+        confirmed = await stack.confirm(intent_id, "pm_card_visa")  # Stripe does not need our Kafka
+        assert not isinstance(confirmed, CallRefused) and confirmed["status"] == "succeeded"
+        delivery = await observer.wait_for("payment_intent.succeeded", intent_id, timeout=30)
+
+        async def refused_by_ingress() -> bool:
+            metrics = (await stack.webhooks.get(f"{stack.ingress.url}/metrics")).text
+            return "paystream_ingress_webhooks_unavailable_total 0\n" not in metrics
+
+        await wait_until(refused_by_ingress, timeout=20, what="localstripe's delivery answered 503")
+        down = await stack.post_webhook(delivery.body)
+        assert down.status_code == 503, down.text
+
+        await loop.run_in_executor(None, broker.start)
+        statuses = []
+        deadline = time.monotonic() + 60
+        while not statuses or statuses[-1] != 200:
+            assert time.monotonic() < deadline, f"no 200 within 60 s: {statuses}"
+            await asyncio.sleep(0 if not statuses else 1.0)
+            statuses.append((await stack.post_webhook(delivery.body)).status_code)
+            assert statuses[-1] in (200, 503), statuses
+
+        [completed] = await stack.events_of("payment.completed", order_id=order_id, timeout=90)
+        assert completed["payment_intent_id"] == intent_id
+        await stack.events_of("order.completed", order_id=order_id, timeout=60)
+        await stack.settle(timeout=60)
+        await asyncio.sleep(1.0)
+        await stack.settle(timeout=60)
+        assert len(stack.events("payment.completed", order_id=order_id)) == 1
+        assert len(stack.events("order.completed", order_id=order_id)) == 1
+        assert (await stack.payment(intent_id))["status"] == "SUCCEEDED"
+        assert (await stack.order(order_id))["status"] == "COMPLETED"
+        assert not stack.dead_letters_of(intent_id.encode())
+        print(f"ingress answers after the broker came back: {statuses}")
+    finally:
+        localstripe.register_webhook(observer_id, observer.url, WEBHOOK_SECRET, events=["paystream.none"])
+        await observer.stop()
