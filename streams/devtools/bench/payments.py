@@ -33,8 +33,10 @@ Sides, one after the other, each driven by the same closed-loop driver
   per record, the row's JSON produced to a changelog mirror topic; the intent
   link, the user-index updates and the ``stripe`` command go through topics
   the loop consumes itself.  It produces the same records per lifecycle as
-  ours by design (ours' 12: two events, a link, a command, two index updates,
-  six changelog records); the bench prints both sides' counts per topic.
+  ours by design (two events, a link, a command, two index updates and up to
+  six changelog records: the intent row is not written again when the link
+  is read after the Stripe event that already made it, on either side); the
+  bench prints both sides' counts per topic.
 
 Only a broker is needed (the bench starts the schema registry and the
 stand-in itself); every topic and group of the run is deleted at the end.
