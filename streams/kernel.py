@@ -85,6 +85,8 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
 from streams import catalog
+from streams.batch_source import BatchSource
+from streams.bulk_send import send_all
 from streams.codec import MalformedRecord
 from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
 from streams.envelope import new_event
@@ -217,10 +219,15 @@ class Aggregate:
     # The agent
 
     async def _consume(self, stream: Any) -> None:
-        async for events in stream.noack_take(self.batch_max, within=self.batch_within):
-            await self.process(events)
-            for event in events:
-                await stream.ack(event)
+        await self._drive(BatchSource(stream))
+
+    async def _drive(self, source: BatchSource) -> None:
+        """Take a batch, process it, acknowledge it; again (until the agent is stopped)."""
+        while True:
+            events = await source.take(self.batch_max, self.batch_within)
+            if events:
+                await self.process(events)
+                source.ack(events)
 
     async def process(self, events: Sequence[EventT]) -> None:
         """Decide, publish, write and answer one batch (see the module docstring)."""
@@ -230,7 +237,12 @@ class Aggregate:
         verdicts: list[tuple[str, Any]] = []
         for event in events:
             try:
-                read = await self._retrying(lambda event=event: self._read(event))
+                try:
+                    read = self._read(event)
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
+                    read = await self._retrying(lambda event=event: self._read(event))
             except Exception as exc:  # not transient, not a refusal: keep it for a human
                 log.exception("%s: reading %s failed", self.flow.name, event.message.topic)
                 read = self._dead_letter(event, "failed", exc)
@@ -473,11 +485,11 @@ class Aggregate:
     # Publishing, writing, answering
 
     async def _publish(self, records: list[Outgoing]) -> None:
+        """Hand every record to the producer, a batch per partition (``bulk_send``); await the acks."""
         if not records:
             return
-        producer = self.app.producer
-        acks = [await producer.send(r.topic, r.key, r.value, None, None, r.headers) for r in records]
-        await asyncio.gather(*acks)
+        sent = await send_all(self.app, [(r.topic, r.key, r.value, None, r.headers) for r in records])
+        await asyncio.gather(*(batch.future for batch in sent))
 
     async def _write(self, plan: Plan) -> None:
         self.rows.persist_offsets()
