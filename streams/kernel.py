@@ -7,8 +7,14 @@ deadlines, dead letters, idempotent ids and answers to waiting requests.
 
 One batch, in order
 -------------------
-1. **Take** up to ``batch_max`` records (``stream.noack_take``: nothing is
-   acknowledged, so no offset can be committed, until step 6).
+1. **Take** up to ``batch_max`` records: the first that arrives, then what
+   arrived ``batch_within`` later (:class:`streams.batch_source.BatchSource`
+   takes them from the agent's channel queue in one go, not through Faust's
+   per-event stream; the fetch loop puts them there without a task per
+   record, :mod:`streams.faust_patches`).  Records fetched under an older
+   consumer generation or taken while a rebalance suspends the flow are not
+   processed and not made committable: they are read again.  Nothing is
+   acknowledged, so no offset can be committed, until step 6.
 2. **Decide** them in offset order against a per-batch row cache (a key's
    second record sees the row its first produced).  A step that needs external
    answers (Stripe, a service client) declares its calls; the calls of the
@@ -19,7 +25,9 @@ One batch, in order
    record whose decision or encoding fails is dead-lettered alone and leaves
    the cache as it was.
 3. **Publish** every outgoing record of the batch (events, index updates,
-   fan-out commands, dead letters) to the producer, then await all acks once.
+   fan-out commands, dead letters) to the producer, one aiokafka batch per
+   partition in the order decided (:mod:`streams.bulk_send`), then await all
+   acks once.
    A transient failure (broker down, timeout) fails the whole batch *before*
    any state is written; it is decided again from the table and re-published
    (same derived ids), until it goes through.  A non-transient failure (a record
@@ -32,14 +40,19 @@ One batch, in order
    re-asserts the row's deadline (an idempotent put); a duplicate also logs
    the row again.  Writes go to the partition of the record that caused them
    (:mod:`streams.table_io`): into its RocksDB database at once, and as
-   changelog records handed to the producer before step 6.
+   changelog records handed to the same producer (a batch per partition)
+   before step 6.
 5. **Answer** the requests waiting for these records (API commands).
-6. **Acknowledge** the records; Faust's commit loop flushes the producer
-   (table changelogs included) *before* it commits offsets
-   (``Consumer._commit_offsets``), so an offset is committed only once the
-   batch's state is durable.  A record fetched under an older consumer
-   generation is never made committable (:mod:`streams.faust_patches`): after
-   a rebalance it is read again.
+6. **Acknowledge** the records (``Event.ack``, Faust's bookkeeping of
+   committable offsets); Faust's commit loop flushes the producer (table
+   changelogs included, whichever way they were queued) *before* it commits
+   offsets (``Consumer._commit_offsets``), so an offset is committed only
+   once the batch's state is durable.  A record fetched under an older
+   consumer generation is never made committable
+   (:mod:`streams.faust_patches`): after a rebalance it is read again.  A
+   rebalance waits for the batch in hand (its records are tracked as
+   unacknowledged); records still queued are dropped with the queue and read
+   again.
 
 What a SIGKILL does at each await
 ---------------------------------
@@ -222,9 +235,18 @@ class Aggregate:
         await self._drive(BatchSource(stream))
 
     async def _drive(self, source: BatchSource) -> None:
-        """Take a batch, process it, acknowledge it; again (until the agent is stopped)."""
+        """Take a batch, process it, acknowledge it; again, until the agent is stopped.
+
+        Faust stops an agent by throwing ``StopAsyncIteration`` into its
+        channel (``Actor.cancel``), which ends a stream's ``async for``; here
+        it ends the loop the same way (raised further, it would count as a
+        crash, and the supervisor would start the actor again).
+        """
         while True:
-            events = await source.take(self.batch_max, self.batch_within)
+            try:
+                events = await source.take(self.batch_max, self.batch_within)
+            except StopAsyncIteration:
+                return
             if events:
                 await self.process(events)
                 source.ack(events)

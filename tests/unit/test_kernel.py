@@ -1121,8 +1121,8 @@ class Exhausted(Exception):
 class Source:
     """What ``Aggregate._drive`` uses of a :class:`streams.batch_source.BatchSource`: take and ack."""
 
-    def __init__(self, batches: list[list[Event]], log: list[str]) -> None:
-        self.batches = batches
+    def __init__(self, batches: list[Any], log: list[str]) -> None:
+        self.batches = batches  # lists of events, or an exception take raises
         self.log = log
         self.taken: tuple[int, float] | None = None
 
@@ -1130,7 +1130,10 @@ class Source:
         self.taken = (max_records, within)
         if not self.batches:
             raise Exhausted
-        return self.batches.pop(0)
+        batch = self.batches.pop(0)
+        if isinstance(batch, BaseException):
+            raise batch
+        return batch
 
     def ack(self, events: list[Event]) -> None:
         self.log.extend(f"ack {event.message.offset}" for event in events)
@@ -1157,6 +1160,18 @@ async def test_the_agent_acknowledges_a_batch_only_after_it_is_published_and_wri
                    f"ack {first.message.offset}", f"ack {second.message.offset}"]
     assert kernel.row("u1") == {"count": 1, "deadline": None, "applied": [command_id_of(first)],
                                 "charges": []}
+
+
+async def test_the_agent_ends_when_faust_stops_it() -> None:
+    app = FakeApp()
+    kernel = Aggregate(app, counter_flow(), agent_name="counter_events")
+    log: list[str] = []
+    only = command("add", "u1", amount=1)
+    # Faust's Actor.cancel throws StopAsyncIteration into the channel: the agent returns
+    # (raised, it would count as a crash and be restarted)
+    await kernel._drive(Source([[only], StopAsyncIteration(), [command("add", "u2", amount=1)]], log))
+    assert log == [f"ack {only.message.offset}"]
+    assert kernel.row("u2") is None
 
 
 # --------------------------------------------------------------------------
