@@ -121,13 +121,15 @@ BATCH_CHANNEL = "_paystream_batch_channel"
 class _Delivery:
     """One partition's synchronous delivery into a kernel channel (see :func:`deliver_now`)."""
 
-    __slots__ = ("app", "channels", "on_pressure_drop", "on_pressure_high", "tp")
+    __slots__ = ("app", "buffer", "channels", "event_cls", "on_pressure_drop", "on_pressure_high", "tp")
 
     def __init__(self, conductor: Any, tp: Any, channels: Any) -> None:
         app = conductor.app
         self.app = app
         self.tp = tp
         self.channels = channels  # the conductor's live set for this partition
+        self.event_cls = app.conf.Event  # what app.create_event makes, looked up once
+        self.buffer = app.producer.buffer
         consumer = app.consumer
         on_topic_buffer_full = app.sensors.on_topic_buffer_full
 
@@ -151,12 +153,12 @@ def deliver_now(delivery: _Delivery | None, message: Any) -> bool:
             return False
         app = delivery.app
         queue = channel.queue
-        if queue.full() or not app.flow_control.is_active() \
-                or app.producer.buffer.size > app.producer.buffer.max_messages:
+        buffer = delivery.buffer
+        if queue.full() or not app.flow_control.is_active() or buffer.size > buffer.max_messages:
             return False
         message.incref(1)
         queue.put_nowait_enhanced(
-            app.create_event(message.key, message.value, message.headers, message),
+            delivery.event_cls(app, message.key, message.value, message.headers, message),
             on_pressure_high=delivery.on_pressure_high,
             on_pressure_drop=delivery.on_pressure_drop,
         )

@@ -15,7 +15,9 @@ One batch, in order
    consumer generation or taken while a rebalance suspends the flow are not
    processed and not made committable: they are read again.  Nothing is
    acknowledged, so no offset can be committed, until step 6.
-2. **Decide** them in offset order against a per-batch row cache (a key's
+2. **Decide** them in offset order (each partition's records in offset
+   order; across the topics of a key, by record timestamp:
+   :func:`in_time_order`) against a per-batch row cache (a key's
    second record sees the row its first produced).  A step that needs external
    answers (Stripe, a service client) declares its calls; the calls of the
    whole batch run concurrently, each with the idempotency key its cause
@@ -86,6 +88,7 @@ they are durable only after the records they caused were acknowledged.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -138,6 +141,31 @@ def transient(error: BaseException) -> bool:
     if isinstance(error, SchemaRegistryError):
         return (error.http_status_code or 0) >= 500 or error.http_status_code in (-1, 408, 429)
     return bool(getattr(error, "retriable", False))
+
+
+def in_time_order(events: Sequence[EventT]) -> Sequence[EventT]:
+    """``events`` with each partition's records in offset order, merged across partitions by timestamp.
+
+    The records of one key come from the partitions of one number on several
+    topics (a payment.completed and the payment.refunded sent after it was
+    seen); Kafka orders them within a partition only, and a fetch hands them
+    over in no defined order across topics.  After a crash both may be read
+    again in one batch; the record produced first is decided first.  Records
+    of one partition keep their offset order whatever their timestamps say;
+    records with equal timestamps keep the order they arrived in.
+    """
+    partitions: dict[Any, list[tuple[float, int, EventT]]] = {}
+    for index, event in enumerate(events):
+        message = event.message
+        partitions.setdefault((message.topic, message.partition), []).append(
+            (message.timestamp or 0.0, index, event))
+    if len(partitions) < 2:
+        return events
+    return [event for _at, _index, event in heapq.merge(*partitions.values(), key=_time_then_arrival)]
+
+
+def _time_then_arrival(entry: tuple[float, int, EventT]) -> tuple[float, int]:
+    return entry[0], entry[1]
 
 
 @dataclass(slots=True)
@@ -254,6 +282,7 @@ class Aggregate:
     async def process(self, events: Sequence[EventT]) -> None:
         """Decide, publish, write and answer one batch (see the module docstring)."""
         now = now_ms()  # one time for the batch and its retries: a retry republishes the same records
+        events = in_time_order(events)
         inbound: list[Inbound] = []
         extra: list[Outgoing] = []
         verdicts: list[tuple[str, Any]] = []
