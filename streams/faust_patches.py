@@ -1,7 +1,7 @@
-"""Two corrections to faust-streaming's consumer, applied once per process.
+"""Corrections to faust-streaming's consumer, applied once per process.
 
-Both touch private parts of faust-streaming 0.15.3 (pinned <0.16 in
-setup.cfg) and are tested in ``tests/unit/test_faust_patches.py``; both were
+All touch private parts of faust-streaming 0.15.3 (pinned <0.16 in
+setup.cfg) and are tested in ``tests/unit/test_faust_patches.py``; all were
 found by measuring and crashing paystream, not by reading.
 
 1. **A short fetch wait.**  Faust hard-codes ``fetch_max_wait_ms=1500`` for
@@ -24,6 +24,21 @@ found by measuring and crashing paystream, not by reading.
    generation.  The same holds for a record an agent finished after the
    rebalance that took its partition: it is processed again (the kernel's
    decisions are idempotent), never skipped.
+
+3. **Cheap delivery into the kernel's channels.**  Faust's fetch loop
+   (``Consumer._drain_messages``) hands each record to the conductor under a
+   ``wait_first`` (four tasks and an ``asyncio.wait`` per record) and the
+   conductor's handler decodes it and puts it into each subscribed channel's
+   queue; together some tens of microseconds per record, as much as
+   deciding it.  For a partition whose only subscriber is a kernel agent's
+   channel (marked by :class:`streams.batch_source.BatchSource`, raw key and
+   value), :func:`deliver_now` does the same delivery synchronously: count
+   the reference, wrap the record as the Event the raw decoder makes, put it
+   into the queue.  Whenever that would have to wait (flow suspended by a
+   rebalance, a full queue, a full producer buffer) or the partition has any
+   other subscriber, the record goes Faust's own way, so back pressure and
+   rebalances behave as before.  The rest of the loop (read offsets, gaps,
+   ``commit_every``) is Faust's, copied; the test pins the original's source.
 """
 
 from __future__ import annotations
@@ -38,9 +53,10 @@ _APPLIED = "_paystream_patched"
 
 
 def apply() -> None:
-    """Apply both corrections (idempotent)."""
+    """Apply the corrections (idempotent)."""
     _shorten_fetch_wait()
     _no_stale_acks()
+    _deliver_to_batch_channels()
 
 
 def _shorten_fetch_wait() -> None:
@@ -67,6 +83,19 @@ def stale(consumer: Any, message: Any) -> bool:
     return fetched is not None and current is not None and fetched != current
 
 
+def release(consumer: Any, message: Any) -> None:
+    """Mark ``message`` done without making its offset committable: it is read again.
+
+    Nothing waits for it any more (``Consumer.wait_empty``), and its offset is
+    not recorded as processed, so the commit cannot move past it.
+    """
+    from faust.types.tuples import ack_lock
+
+    with ack_lock:
+        message.acked = True
+        consumer._unacked_messages.discard(message)
+
+
 def _no_stale_acks() -> None:
     from faust.transport import consumer as faust_consumer
 
@@ -77,11 +106,177 @@ def _no_stale_acks() -> None:
 
     def ack_current(self: Any, message: Any) -> bool:
         if stale(self, message):
-            with faust_consumer.ack_lock:
-                message.acked = True  # nothing waits for it (wait_empty) ...
-                self._unacked_messages.discard(message)
-            return False  # ... and its offset is not committable: it is read again
+            release(self, message)
+            return False
         return ack(self, message)
 
     cls.ack = ack_current
     setattr(cls, _APPLIED, True)
+
+
+#: Attribute a channel carries when a kernel agent takes its records in batches.
+BATCH_CHANNEL = "_paystream_batch_channel"
+
+
+class _Delivery:
+    """One partition's synchronous delivery into a kernel channel (see :func:`deliver_now`)."""
+
+    __slots__ = ("app", "buffer", "channels", "event_cls", "on_pressure_drop", "on_pressure_high", "tp")
+
+    def __init__(self, conductor: Any, tp: Any, channels: Any) -> None:
+        app = conductor.app
+        self.app = app
+        self.tp = tp
+        self.channels = channels  # the conductor's live set for this partition
+        self.event_cls = app.conf.Event  # what app.create_event makes, looked up once
+        self.buffer = app.producer.buffer
+        consumer = app.consumer
+        on_topic_buffer_full = app.sensors.on_topic_buffer_full
+
+        def on_pressure_high() -> None:  # as Faust's handler: stop fetching the partition
+            on_topic_buffer_full(tp)
+            consumer.on_buffer_full(tp)
+
+        def on_pressure_drop() -> None:
+            consumer.on_buffer_drop(tp)
+
+        self.on_pressure_high = on_pressure_high
+        self.on_pressure_drop = on_pressure_drop
+
+
+def deliver_now(delivery: _Delivery | None, message: Any) -> bool:
+    """Deliver ``message`` to its kernel channel without waiting; False: go Faust's way."""
+    if delivery is None or len(delivery.channels) != 1:
+        return False
+    for channel in delivery.channels:
+        if not getattr(channel, BATCH_CHANNEL, False):
+            return False
+        app = delivery.app
+        queue = channel.queue
+        buffer = delivery.buffer
+        if queue.full() or not app.flow_control.is_active() or buffer.size > buffer.max_messages:
+            return False
+        message.incref(1)
+        queue.put_nowait_enhanced(
+            delivery.event_cls(app, message.key, message.value, message.headers, message),
+            on_pressure_high=delivery.on_pressure_high,
+            on_pressure_drop=delivery.on_pressure_drop,
+        )
+    return True
+
+
+def _deliver_to_batch_channels() -> None:
+    from faust.transport import conductor as faust_conductor
+    from faust.transport import consumer as faust_consumer
+
+    conductor_cls = faust_conductor.Conductor
+    if not getattr(conductor_cls, _APPLIED, False):
+        build = conductor_cls._build_handler
+
+        def build_handler(self: Any, tp: Any, channels: Any) -> Any:
+            deliveries = self.__dict__.setdefault("_paystream_deliveries", {})
+            deliveries[tp] = _Delivery(self, tp, channels)
+            return build(self, tp, channels)
+
+        conductor_cls._build_handler = build_handler
+        setattr(conductor_cls, _APPLIED, True)
+
+    consumer_cls = faust_consumer.Consumer
+    if getattr(consumer_cls, "_paystream_drain", False):
+        return
+    global FAUST_DRAIN_MESSAGES
+    FAUST_DRAIN_MESSAGES = consumer_cls._drain_messages
+    consumer_cls._drain_messages = _drain_messages
+    consumer_cls._paystream_drain = True
+
+
+#: Faust's own ``Consumer._drain_messages``, kept when it is replaced (the
+#: test compares its source with the one :func:`_drain_messages` copies).
+FAUST_DRAIN_MESSAGES: Any = None
+
+
+async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - the fetch loop
+    """Faust 0.15.3's ``Consumer._drain_messages``, with :func:`deliver_now` tried first."""
+    import asyncio
+    from typing import cast
+
+    from faust.transport.consumer import CONSUMER_FETCHING
+
+    callback = self.callback
+    getmany = self.getmany
+    consumer_should_stop = self._stopped.is_set
+    fetcher_should_stop = fetcher._stopped.is_set
+
+    get_read_offset = self._read_offset.__getitem__
+    set_read_offset = self._read_offset.__setitem__
+    flag_consumer_fetching = CONSUMER_FETCHING
+    set_flag = self.diag.set_flag
+    unset_flag = self.diag.unset_flag
+    commit_every = self._commit_every
+    acks_enabled_for = self.app.topics.acks_enabled_for
+    deliveries = self.app.topics.__dict__.setdefault("_paystream_deliveries", {})
+    get_delivery = deliveries.get
+
+    yield_every = 100
+    num_since_yield = 0
+    sleep = asyncio.sleep
+
+    try:
+        while not (consumer_should_stop() or fetcher_should_stop()):
+            set_flag(flag_consumer_fetching)
+            ait = cast(Any, getmany(timeout=1.0))
+
+            # Sleeping because sometimes getmany is called in a loop
+            # never releasing to the event loop
+            await self.sleep(0)
+            if not self.should_stop:
+                async for tp, message in ait:
+                    num_since_yield += 1
+                    if num_since_yield > yield_every:
+                        await sleep(0)
+                        num_since_yield = 0
+
+                    offset = message.offset
+                    r_offset = get_read_offset(tp)
+                    if r_offset is None or offset >= r_offset:
+                        gap = offset - (r_offset or 0)
+                        # We have a gap in income messages
+                        if gap > 1 and r_offset:
+                            acks_enabled = acks_enabled_for(message.topic)
+                            if acks_enabled:
+                                await self._add_gap(tp, r_offset + 1, offset)
+                        if commit_every is not None:
+                            if self._n_acked >= commit_every:
+                                self._n_acked = 0
+                                await self.commit()
+                        if not deliver_now(get_delivery(tp), message):
+                            await self.wait_first(
+                                callback(message), self.suspend_flow.wait()
+                            )
+                        set_read_offset(tp, offset)
+                    else:
+                        self.log.dev(
+                            "DROPPED MESSAGE ROFF %r: k=%r v=%r",
+                            offset,
+                            message.key,
+                            message.value,
+                        )
+                unset_flag(flag_consumer_fetching)
+
+    except self.consumer_stopped_errors:
+        if self.transport.app.should_stop:
+            # we're already stopping so ignore
+            self.log.info("Broker stopped consumer, shutting down...")
+            return
+        raise
+    except asyncio.CancelledError:
+        if self.transport.app.should_stop:
+            # we're already stopping so ignore
+            self.log.info("Consumer shutting down for user cancel.")
+            return
+        raise
+    except Exception as exc:
+        self.log.exception("Drain messages raised: %r", exc)
+        raise
+    finally:
+        unset_flag(flag_consumer_fetching)

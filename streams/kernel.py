@@ -7,9 +7,17 @@ deadlines, dead letters, idempotent ids and answers to waiting requests.
 
 One batch, in order
 -------------------
-1. **Take** up to ``batch_max`` records (``stream.noack_take``: nothing is
-   acknowledged, so no offset can be committed, until step 6).
-2. **Decide** them in offset order against a per-batch row cache (a key's
+1. **Take** up to ``batch_max`` records: the first that arrives, then what
+   arrived ``batch_within`` later (:class:`streams.batch_source.BatchSource`
+   takes them from the agent's channel queue in one go, not through Faust's
+   per-event stream; the fetch loop puts them there without a task per
+   record, :mod:`streams.faust_patches`).  Records fetched under an older
+   consumer generation or taken while a rebalance suspends the flow are not
+   processed and not made committable: they are read again.  Nothing is
+   acknowledged, so no offset can be committed, until step 6.
+2. **Decide** them in offset order (each partition's records in offset
+   order; across the topics of a key, by record timestamp:
+   :func:`in_time_order`) against a per-batch row cache (a key's
    second record sees the row its first produced).  A step that needs external
    answers (Stripe, a service client) declares its calls; the calls of the
    whole batch run concurrently, each with the idempotency key its cause
@@ -19,7 +27,9 @@ One batch, in order
    record whose decision or encoding fails is dead-lettered alone and leaves
    the cache as it was.
 3. **Publish** every outgoing record of the batch (events, index updates,
-   fan-out commands, dead letters) to the producer, then await all acks once.
+   fan-out commands, dead letters) to the producer, one aiokafka batch per
+   partition in the order decided (:mod:`streams.bulk_send`), then await all
+   acks once.
    A transient failure (broker down, timeout) fails the whole batch *before*
    any state is written; it is decided again from the table and re-published
    (same derived ids), until it goes through.  A non-transient failure (a record
@@ -32,14 +42,19 @@ One batch, in order
    re-asserts the row's deadline (an idempotent put); a duplicate also logs
    the row again.  Writes go to the partition of the record that caused them
    (:mod:`streams.table_io`): into its RocksDB database at once, and as
-   changelog records handed to the producer before step 6.
+   changelog records handed to the same producer (a batch per partition)
+   before step 6.
 5. **Answer** the requests waiting for these records (API commands).
-6. **Acknowledge** the records; Faust's commit loop flushes the producer
-   (table changelogs included) *before* it commits offsets
-   (``Consumer._commit_offsets``), so an offset is committed only once the
-   batch's state is durable.  A record fetched under an older consumer
-   generation is never made committable (:mod:`streams.faust_patches`): after
-   a rebalance it is read again.
+6. **Acknowledge** the records (``Event.ack``, Faust's bookkeeping of
+   committable offsets); Faust's commit loop flushes the producer (table
+   changelogs included, whichever way they were queued) *before* it commits
+   offsets (``Consumer._commit_offsets``), so an offset is committed only
+   once the batch's state is durable.  A record fetched under an older
+   consumer generation is never made committable
+   (:mod:`streams.faust_patches`): after a rebalance it is read again.  A
+   rebalance waits for the batch in hand (its records are tracked as
+   unacknowledged); records still queued are dropped with the queue and read
+   again.
 
 What a SIGKILL does at each await
 ---------------------------------
@@ -73,6 +88,7 @@ they are durable only after the records they caused were acknowledged.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -84,6 +100,8 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
 from streams import catalog
+from streams.batch_source import BatchSource
+from streams.bulk_send import send_all
 from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
 from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
 from streams.envelope import new_event
@@ -130,6 +148,31 @@ def transient(error: BaseException) -> bool:
     if isinstance(error, SchemaRegistryError):
         return (error.http_status_code or 0) >= 500 or error.http_status_code in (-1, 408, 429)
     return bool(getattr(error, "retriable", False))
+
+
+def in_time_order(events: Sequence[EventT]) -> Sequence[EventT]:
+    """``events`` with each partition's records in offset order, merged across partitions by timestamp.
+
+    The records of one key come from the partitions of one number on several
+    topics (a payment.completed and the payment.refunded sent after it was
+    seen); Kafka orders them within a partition only, and a fetch hands them
+    over in no defined order across topics.  After a crash both may be read
+    again in one batch; the record produced first is decided first.  Records
+    of one partition keep their offset order whatever their timestamps say;
+    records with equal timestamps keep the order they arrived in.
+    """
+    partitions: dict[Any, list[tuple[float, int, EventT]]] = {}
+    for index, event in enumerate(events):
+        message = event.message
+        partitions.setdefault((message.topic, message.partition), []).append(
+            (message.timestamp or 0.0, index, event))
+    if len(partitions) < 2:
+        return events
+    return [event for _at, _index, event in heapq.merge(*partitions.values(), key=_time_then_arrival)]
+
+
+def _time_then_arrival(entry: tuple[float, int, EventT]) -> tuple[float, int]:
+    return entry[0], entry[1]
 
 
 @dataclass(slots=True)
@@ -227,20 +270,40 @@ class Aggregate:
     # The agent
 
     async def _consume(self, stream: Any) -> None:
-        async for events in stream.noack_take(self.batch_max, within=self.batch_within):
-            await self.process(events)
-            for event in events:
-                await stream.ack(event)
+        await self._drive(BatchSource(stream))
+
+    async def _drive(self, source: BatchSource) -> None:
+        """Take a batch, process it, acknowledge it; again, until the agent is stopped.
+
+        Faust stops an agent by throwing ``StopAsyncIteration`` into its
+        channel (``Actor.cancel``), which ends a stream's ``async for``; here
+        it ends the loop the same way (raised further, it would count as a
+        crash, and the supervisor would start the actor again).
+        """
+        while True:
+            try:
+                events = await source.take(self.batch_max, self.batch_within)
+            except StopAsyncIteration:
+                return
+            if events:
+                await self.process(events)
+                source.ack(events)
 
     async def process(self, events: Sequence[EventT]) -> None:
         """Decide, publish, write and answer one batch (see the module docstring)."""
         now = now_ms()  # one time for the batch and its retries: a retry republishes the same records
+        events = in_time_order(events)
         inbound: list[Inbound] = []
         extra: list[Outgoing] = []
         verdicts: list[tuple[str, Any]] = []
         for event in events:
             try:
-                read = await self._retrying(lambda event=event: self._read(event))
+                try:
+                    read = self._read(event)
+                except Exception as exc:
+                    if not transient(exc):
+                        raise
+                    read = await self._retrying(lambda event=event: self._read(event))
             except Exception as exc:  # not transient, not a refusal: keep it for a human
                 log.exception("%s: reading %s failed", self.flow.name, event.message.topic)
                 read = self._dead_letter(event, "failed", exc)
@@ -484,11 +547,11 @@ class Aggregate:
     # Publishing, writing, answering
 
     async def _publish(self, records: list[Outgoing]) -> None:
+        """Hand every record to the producer, a batch per partition (``bulk_send``); await the acks."""
         if not records:
             return
-        producer = self.app.producer
-        acks = [await producer.send(r.topic, r.key, r.value, None, None, r.headers) for r in records]
-        await asyncio.gather(*acks)
+        sent = await send_all(self.app, [(r.topic, r.key, r.value, None, r.headers) for r in records])
+        await asyncio.gather(*(batch.future for batch in sent))
 
     async def _write(self, plan: Plan) -> None:
         self.rows.persist_offsets()

@@ -6,9 +6,10 @@ handful of futures per write: on the kernel's hot path that cost more than the
 decisions themselves.  :class:`TableIO` does what Faust does, in one step:
 
 - the value is JSON-encoded once; the same bytes go to the partition's RocksDB
-  database and, as the changelog record, to the producer (not awaited: Faust's
-  commit flushes the producer before it commits offsets, so an input offset is
-  committed only once its changelog records are in Kafka);
+  database and, as the changelog record, to the producer, a batch per
+  partition (:mod:`streams.bulk_send`; not awaited: Faust's commit flushes
+  the producer before it commits offsets, so an input offset is committed
+  only once its changelog records are in Kafka);
 - when a changelog record is acknowledged its offset is noted, and written as
   the partition's persisted offset (Faust's own ``set_persisted_offset``) at the
   next batch, so a warm restart replays only the changelog's tail, as with
@@ -32,6 +33,8 @@ from typing import Any
 
 from faust.streams import _current_event
 from faust.types import TP, EventT
+
+from streams.bulk_send import Sent, send_all
 
 
 @contextmanager
@@ -133,21 +136,22 @@ class TableIO:
     async def _drain(self) -> None:
         try:
             topic = self.table.changelog_topic.get_topic_name()
-            producer = self.app.producer
             while self._queue:
                 queued, self._queue = self._queue, []
-                for partition, key, raw in queued:
-                    ack = await producer.send(topic, key, raw, partition, None, None)
-                    ack.add_done_callback(lambda done, p=partition: self._note(p, done))
+                sent = await send_all(self.app, [(topic, key, raw, partition, None)
+                                                 for partition, key, raw in queued])
+                for batch in sent:
+                    batch.future.add_done_callback(lambda _done, batch=batch: self._note(batch))
         finally:
             self._draining = None
 
-    def _note(self, partition: int, done: asyncio.Future[Any]) -> None:
+    def _note(self, batch: Sent) -> None:
+        done = batch.future
         if done.cancelled() or done.exception() is not None:
             return  # the commit's flush fails too, so the input is read again
-        offset = done.result().offset
-        if offset > self._acked.get(partition, -1):
-            self._acked[partition] = offset
+        offset = batch.last_offset()
+        if offset > self._acked.get(batch.partition, -1):
+            self._acked[batch.partition] = offset
 
     def persist_offsets(self) -> None:
         """Record the acknowledged changelog offsets in the store (Faust's checkpoint)."""

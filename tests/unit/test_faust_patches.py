@@ -55,3 +55,85 @@ def test_applying_twice_wraps_once() -> None:
     first = faust_consumer.Consumer.ack
     faust_patches.apply()
     assert faust_consumer.Consumer.ack is first
+
+
+# --------------------------------------------------------------------------
+# 3. Cheap delivery into the kernel's channels
+
+#: sha256 of the faust-streaming 0.15.3 sources the third patch copies or mirrors:
+#: ``Consumer._drain_messages`` (copied into ``faust_patches._drain_messages``) and
+#: ``ConductorCompiler.build`` (whose handler ``deliver_now`` does for one raw channel).
+#: A new Faust release that changes either fails here: re-read it, re-copy, re-pin.
+FAUST_DRAIN_SHA256 = "44a2500309e83c630493f6828af50166ec8d96a0b3e4fb2bab735f704ae93417"
+FAUST_BUILD_SHA256 = "837cf521368c1ee4b22c235a2b137f665eca03d0e3e01b5ddedb65232ee73bf2"
+
+
+def _sha256(function: object) -> str:
+    import hashlib
+    import inspect
+
+    return hashlib.sha256(inspect.getsource(function).encode()).hexdigest()  # type: ignore[arg-type]
+
+
+def test_the_faust_code_the_delivery_patch_mirrors_is_the_pinned_one(app: faust.App) -> None:
+    from faust.transport import conductor
+
+    assert faust_patches.FAUST_DRAIN_MESSAGES is not None
+    assert _sha256(faust_patches.FAUST_DRAIN_MESSAGES) == FAUST_DRAIN_SHA256
+    assert _sha256(conductor.ConductorCompiler.build) == FAUST_BUILD_SHA256
+
+
+def test_the_consumer_runs_the_patched_fetch_loop(app: faust.App) -> None:
+    from faust.transport import consumer as faust_consumer
+
+    assert faust_consumer.Consumer._drain_messages is faust_patches._drain_messages
+
+
+@pytest.fixture
+def raw_channel(app: faust.App) -> object:
+    topic = app.topic("t-raw", key_type=bytes, key_serializer="raw", value_serializer="raw", acks=True)
+    channel = topic.clone(is_iterator=True)
+    setattr(channel, faust_patches.BATCH_CHANNEL, True)
+    return channel
+
+
+def _delivery(app: faust.App, channels: set[object]) -> faust_patches._Delivery:
+    tp = TP("t-raw", 0)
+    app.topics._build_handler(tp, channels)
+    return app.topics.__dict__["_paystream_deliveries"][tp]
+
+
+def raw_message(offset: int) -> Message:
+    return Message("t-raw", 0, offset, 1.5, 0, [("h", b"1")], b"key", b"\x00value", None, generation_id=3)
+
+
+async def test_a_record_is_delivered_as_the_event_fausts_raw_decoder_makes(app: faust.App,
+                                                                        raw_channel: object) -> None:
+    app.flow_control.resume()
+    delivery = _delivery(app, {raw_channel})
+    message = raw_message(5)
+    assert faust_patches.deliver_now(delivery, message) is True
+    delivered = raw_channel.queue.get_nowait()  # type: ignore[attr-defined]
+    decoded = await raw_channel.decode(raw_message(5), propagate=True)  # type: ignore[attr-defined]
+    assert (delivered.key, delivered.value, delivered.headers) == \
+        (decoded.key, decoded.value, decoded.headers)
+    assert type(delivered) is type(decoded) and delivered.message is message
+    assert message.refcount == 1  # one subscriber holds it until it acknowledges
+
+
+async def test_delivery_goes_fausts_way_whenever_it_would_have_to_wait(app: faust.App,
+                                                                      raw_channel: object) -> None:
+    message = raw_message(6)
+    app.flow_control.suspend()  # a rebalance: Faust's handler waits for the flow
+    assert faust_patches.deliver_now(_delivery(app, {raw_channel}), message) is False
+    app.flow_control.resume()
+    other = app.topic("t-raw", value_serializer="raw").clone(is_iterator=True)  # a second subscriber
+    assert faust_patches.deliver_now(_delivery(app, {raw_channel, other}), message) is False
+    unmarked = app.topic("t-raw", key_serializer="raw", value_serializer="raw").clone(is_iterator=True)
+    assert faust_patches.deliver_now(_delivery(app, {unmarked}), message) is False
+    queue = raw_channel.queue  # type: ignore[attr-defined]
+    for _ in range(queue.maxsize):
+        queue.force_put_nowait(object())
+    assert queue.full()
+    assert faust_patches.deliver_now(_delivery(app, {raw_channel}), message) is False
+    assert message.refcount == 0  # nothing was counted for the records not delivered

@@ -1139,22 +1139,29 @@ async def test_a_step_that_keeps_asking_for_calls_is_dead_lettered() -> None:
 # The agent
 
 
-class Stream:
-    """What ``_consume`` uses of a Faust stream: noack_take and ack."""
+class Exhausted(Exception):
+    """The fake source has no batch left."""
 
-    def __init__(self, batches: list[list[Event]], log: list[str]) -> None:
-        self.batches = batches
+
+class Source:
+    """What ``Aggregate._drive`` uses of a :class:`streams.batch_source.BatchSource`: take and ack."""
+
+    def __init__(self, batches: list[Any], log: list[str]) -> None:
+        self.batches = batches  # lists of events, or an exception take raises
         self.log = log
         self.taken: tuple[int, float] | None = None
 
-    async def noack_take(self, max_: int, within: float) -> Any:
-        self.taken = (max_, within)
-        for batch in self.batches:
-            yield batch
+    async def take(self, max_records: int, within: float) -> list[Event]:
+        self.taken = (max_records, within)
+        if not self.batches:
+            raise Exhausted
+        batch = self.batches.pop(0)
+        if isinstance(batch, BaseException):
+            raise batch
+        return batch
 
-    async def ack(self, event: Event) -> bool:
-        self.log.append(f"ack {event.message.offset}")
-        return True
+    def ack(self, events: list[Event]) -> None:
+        self.log.extend(f"ack {event.message.offset}" for event in events)
 
 
 async def test_the_agent_acknowledges_a_batch_only_after_it_is_published_and_written() -> None:
@@ -1170,14 +1177,26 @@ async def test_the_agent_acknowledges_a_batch_only_after_it_is_published_and_wri
 
     app.producer.send = logged_send  # type: ignore[method-assign]
     first, second = command("add", "u1", amount=1), command("add", "u2", amount=1)
-    stream = Stream([[first, second]], log)
-    _source, consume = app.agents["counter_events"]
-    await consume(stream)
-    assert stream.taken == (50, 0.02)
+    source = Source([[first, second], []], log)
+    with pytest.raises(Exhausted):
+        await kernel._drive(source)  # type: ignore[arg-type]
+    assert source.taken == (50, 0.02)
     assert log == ["send u1", "send u2", "write u1", "write u2",
                    f"ack {first.message.offset}", f"ack {second.message.offset}"]
     assert kernel.row("u1") == {"count": 1, "deadline": None, "applied": [command_id_of(first)],
                                 "charges": []}
+
+
+async def test_the_agent_ends_when_faust_stops_it() -> None:
+    app = FakeApp()
+    kernel = Aggregate(app, counter_flow(), agent_name="counter_events")
+    log: list[str] = []
+    only = command("add", "u1", amount=1)
+    # Faust's Actor.cancel throws StopAsyncIteration into the channel: the agent returns
+    # (raised, it would count as a crash and be restarted)
+    await kernel._drive(Source([[only], StopAsyncIteration(), [command("add", "u2", amount=1)]], log))
+    assert log == [f"ack {only.message.offset}"]
+    assert kernel.row("u2") is None
 
 
 # --------------------------------------------------------------------------

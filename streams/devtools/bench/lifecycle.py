@@ -363,6 +363,12 @@ def differences(ours: Side | None, raw: Side | None, commit_interval: float) -> 
         f"ours commits offsets on Faust's timer (every {commit_interval:g} s) after the acks; raw commits "
         "each batch's offsets (inputs and index topic) right after that batch's acks, without waiting "
         "for the commit",
+        "ours hands a batch's records to aiokafka as one batch per partition (create_batch/send_batch) and "
+        "takes fetched records off its channel queue in lists; raw sends record by record (aiokafka "
+        "send, or confluent produce) from the records getmany/consume returned; both on one producer "
+        "with the worker's settings and await every ack of a batch before its offsets",
+        "ours' consumer runs in Faust's consumer thread (its own event loop, records handed over per "
+        "fetch); raw's aiokafka consumer runs in the loop's own thread",
     ]
     if ours and raw and abs(ours.records_per_input - raw.records_per_input) > 0.05:
         lines.append(f"records per input differ: ours {ours.records_per_input:.2f}, "

@@ -1,0 +1,116 @@
+"""Many records to Kafka at once: one batch per partition instead of one send per record.
+
+The kernel hands the producer every outgoing record of a batch (events,
+index updates, commands, dead letters) and, through :mod:`streams.table_io`,
+every changelog record of its writes.  Sent one at a time through Faust's
+``Producer.send`` and aiokafka's ``AIOKafkaProducer.send``, each record costs
+two coroutine chains, a metadata lookup, a partitioner call and a future of
+its own that the sender resolves on the ack.  :func:`send_all` groups the
+records by partition instead and hands each group to the *same* aiokafka
+producer as one ``BatchBuilder`` (``create_batch``/``send_batch``, aiokafka's
+public batch API): one future per partition and request.
+
+What stays as it was:
+
+- the producer: Faust's own aiokafka producer (``acks``, linger, batch size,
+  request size from the app's settings), so Faust's commit, which flushes
+  that producer (``Producer.flush`` -> the accumulator's ``flush``) before it
+  commits offsets, waits for these records too;
+- partitions: a record without an explicit partition goes where the
+  producer's own partitioner puts it (murmur2 of the key, as every client
+  does), so co-partitioning holds;
+- order: records of one partition keep the order they were handed over in,
+  in one batch, or in consecutive batches when they exceed the batch size;
+- refusals: a record larger than the producer's ``max_request_size`` raises
+  ``MessageSizeTooLargeError`` before anything of the call is queued, as
+  ``AIOKafkaProducer.send`` would for that record; an ack failure fails the
+  future of its partition's batch.
+
+A producer that is not Faust's aiokafka driver (another transport, a test
+double) is handed the records one at a time through Faust's ``send``.
+
+Private parts used (checked by ``tests/unit/test_bulk_send.py``):
+faust-streaming's ``Producer._ensure_producer`` (the aiokafka producer;
+faust-streaming pinned <0.16 in setup.cfg) and aiokafka's
+``AIOKafkaProducer._serialize`` (size check), ``_max_request_size`` and
+``_partitioner``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+#: Bytes a record's framing adds at most to its key, value and headers, in
+#: aiokafka's size estimate (varints, attributes, headers' counts; generous).
+SIZE_MARGIN = 1024
+
+#: (topic, key, value, partition or None, headers or None)
+Record = tuple[str, bytes | None, bytes | None, int | None, Sequence[tuple[str, bytes]] | None]
+
+
+@dataclass(slots=True)
+class Sent:
+    """One batch handed to the producer: its ack future, where it went, how many records."""
+
+    future: asyncio.Future[Any]
+    topic: str
+    partition: int
+    count: int
+
+    def last_offset(self) -> int:
+        """The offset of the batch's last record (once the future is done)."""
+        return int(self.future.result().offset) + self.count - 1
+
+
+def kafka_producer(app: Any) -> Any:
+    """The aiokafka producer under the app's Faust producer."""
+    return app.producer._ensure_producer()
+
+
+async def send_all(app: Any, records: Sequence[Record]) -> list[Sent]:
+    """Queue ``records`` on the app's producer, a batch per partition; their futures.
+
+    Nothing is awaited but queueing (and topic metadata the first time a
+    topic is seen); the caller awaits the futures it needs.
+    """
+    if not hasattr(app.producer, "_ensure_producer"):  # not Faust's aiokafka driver (a test double)
+        return [Sent(await app.producer.send(topic, key, value, partition, None, headers),
+                     topic, -1 if partition is None else partition, 1)
+                for topic, key, value, partition, headers in records]
+    producer = kafka_producer(app)
+    cluster = producer.client.cluster
+    partitioner = producer._partitioner
+    serialize = producer._serialize
+    # aiokafka's exact size check (``_serialize``) only where a cheap bound says it could matter
+    near_limit = producer._max_request_size - SIZE_MARGIN
+    groups: dict[tuple[str, int], list[tuple[bytes | None, bytes | None, list[Any]]]] = {}
+    partitions_of: dict[str, tuple[list[int], list[int]]] = {}
+    for topic, key, value, partition, headers in records:
+        headers = list(headers or [])
+        size = len(key or b"") + len(value or b"") + sum(len(k) + len(v) for k, v in headers)
+        if size > near_limit:
+            key, value = serialize(key, value, headers)  # raises MessageSizeTooLargeError
+        if partition is None:
+            known = partitions_of.get(topic)
+            if known is None:
+                everything = await producer.partitions_for(topic)  # waits for metadata if needed
+                available = cluster.available_partitions_for_topic(topic) or everything
+                known = partitions_of[topic] = (sorted(everything), sorted(available))
+            partition = partitioner(key, *known)
+        groups.setdefault((topic, partition), []).append((key, value, headers))
+    sent: list[Sent] = []
+    for (topic, partition), group in groups.items():
+        builder, count = producer.create_batch(), 0
+        for key, value, headers in group:
+            if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
+                sent.append(Sent(await producer.send_batch(builder, topic, partition=partition),
+                                 topic, partition, count))
+                builder, count = producer.create_batch(), 0
+                builder.append(timestamp=None, key=key, value=value, headers=headers)
+            count += 1
+        sent.append(Sent(await producer.send_batch(builder, topic, partition=partition),
+                         topic, partition, count))
+    return sent
