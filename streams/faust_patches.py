@@ -25,6 +25,10 @@ found by measuring and crashing paystream, not by reading.
    rebalance that took its partition: it is processed again (the kernel's
    decisions are idempotent), never skipped.
 
+   A released record is also *held*: the partition's commit stops before it
+   until a re-read copy is acknowledged, and outside a rebalance the
+   partition is rewound to it (:func:`release`).
+
 3. **Cheap delivery into the kernel's channels.**  Faust's fetch loop
    (``Consumer._drain_messages``) hands each record to the conductor under a
    ``wait_first`` (four tasks and an ``asyncio.wait`` per record) and the
@@ -43,7 +47,11 @@ found by measuring and crashing paystream, not by reading.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 #: How long the broker may hold a fetch that found nothing (ms).  A short wait
 #: costs an idle worker a few empty fetches a second.
@@ -56,6 +64,7 @@ def apply() -> None:
     """Apply the corrections (idempotent)."""
     _shorten_fetch_wait()
     _no_stale_acks()
+    _hold_commits()
     _deliver_to_batch_channels()
 
 
@@ -83,17 +92,82 @@ def stale(consumer: Any, message: Any) -> bool:
     return fetched is not None and current is not None and fetched != current
 
 
+#: Attribute of a consumer: TP -> offsets released (to be read again) and not yet acked.
+HELD = "_paystream_held"
+
+
+def held(consumer: Any) -> dict[Any, set[int]]:
+    """The offsets of ``consumer`` each partition's commit must not pass (see :func:`release`)."""
+    found: dict[Any, set[int]] | None = getattr(consumer, HELD, None)
+    if found is None:
+        found = {}
+        setattr(consumer, HELD, found)
+    return found
+
+
 def release(consumer: Any, message: Any) -> None:
     """Mark ``message`` done without making its offset committable: it is read again.
 
-    Nothing waits for it any more (``Consumer.wait_empty``), and its offset is
-    not recorded as processed, so the commit cannot move past it.
+    Nothing waits for it any more (``Consumer.wait_empty``); its offset is not
+    recorded as processed, and it is *held*: the partition's commit cannot
+    move past it until a re-read copy of it is acknowledged (Faust's own head
+    check is skipped on a partition never committed, so without the hold a
+    record released at its head was committed past: the payment kill -9 test
+    lost a payment that way).  Outside a rebalance nothing else would read it
+    again, so the partition is rewound to it; during one, Faust seeks every
+    partition to its committed offset, which the hold keeps at or before it.
     """
     from faust.types.tuples import ack_lock
 
     with ack_lock:
         message.acked = True
         consumer._unacked_messages.discard(message)
+    offsets = held(consumer).setdefault(message.tp, set())
+    first = not offsets or message.offset < min(offsets)
+    offsets.add(message.offset)
+    if first and getattr(consumer, "flow_active", False):
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a test's bare consumer): the hold alone stands
+            return
+        task = loop.create_task(_rewind(consumer, message.tp, message.offset))
+        _REWINDS.add(task)
+        task.add_done_callback(_REWINDS.discard)
+
+
+#: Rewinds under way (a reference each, so none is collected before it ran).
+_REWINDS: set[asyncio.Task[None]] = set()
+
+
+async def _rewind(consumer: Any, tp: Any, offset: int) -> None:
+    try:
+        await consumer.seek(tp, offset)
+    except Exception:  # the next rebalance or restart reads it again: the hold stands
+        log.exception("could not rewind %s to %d to read a released record again", tp, offset)
+
+
+def _hold_commits() -> None:
+    """Faust's ``_new_offset`` never returns an offset past a held one (see :func:`release`)."""
+    from faust.transport import consumer as faust_consumer
+
+    cls = faust_consumer.Consumer
+    if getattr(cls, "_paystream_holds", False):
+        return
+    new_offset = cls._new_offset
+
+    def new_offset_held(self: Any, tp: Any) -> int | None:
+        offsets = held(self).get(tp)
+        if offsets:
+            committed = self._committed_offset[tp]
+            if committed is not None:  # committed past it elsewhere (another owner): not ours
+                offsets.difference_update({o for o in offsets if o < committed})
+            acked = self._acked[tp]
+            if offsets and acked and min(acked) > min(offsets):
+                return None  # the first record to commit is the held one, still unread
+        return new_offset(self, tp)
+
+    cls._new_offset = new_offset_held
+    cls._paystream_holds = True
 
 
 def _no_stale_acks() -> None:
@@ -108,7 +182,11 @@ def _no_stale_acks() -> None:
         if stale(self, message):
             release(self, message)
             return False
-        return ack(self, message)
+        acked = ack(self, message)
+        offsets = held(self).get(message.tp)
+        if offsets:
+            offsets.discard(message.offset)  # read again and done: the hold is lifted
+        return acked
 
     cls.ack = ack_current
     setattr(cls, _APPLIED, True)

@@ -137,3 +137,59 @@ async def test_delivery_goes_fausts_way_whenever_it_would_have_to_wait(app: faus
     assert queue.full()
     assert faust_patches.deliver_now(_delivery(app, {raw_channel}), message) is False
     assert message.refcount == 0  # nothing was counted for the records not delivered
+
+
+# --------------------------------------------------------------------------
+# A released record holds its partition's commit back, and is read again
+
+
+TP0 = TP("t-patched", 0)
+
+
+def test_a_record_released_at_the_head_of_a_never_committed_partition_is_not_committed_past(
+    app: faust.App,
+) -> None:
+    """Faust skips its head check when nothing was committed yet; the hold does not."""
+    app.consumer_generation_id = 2
+    consumer = app.consumer
+    consumer._committed_offset[TP0] = None
+    consumer.ack(message(0, generation_id=1))  # fetched before the assignment: released
+    for offset in (1, 2, 3):
+        assert consumer.ack(message(offset, generation_id=2))
+    assert consumer._new_offset(TP0) is None  # committing 4 would skip offset 0
+    assert consumer.ack(message(0, generation_id=2))  # read again, and done
+    assert consumer._new_offset(TP0) == 4
+    assert not faust_patches.held(consumer).get(TP0)
+
+
+def test_a_hold_below_what_was_committed_elsewhere_is_dropped(app: faust.App) -> None:
+    app.consumer_generation_id = 2
+    consumer = app.consumer
+    consumer._committed_offset[TP0] = None
+    consumer.ack(message(5, generation_id=1))
+    consumer._committed_offset[TP0] = 9  # another owner went past it meanwhile
+    assert consumer.ack(message(9, generation_id=2))
+    assert consumer._new_offset(TP0) == 10
+    assert not faust_patches.held(consumer).get(TP0)
+
+
+async def test_outside_a_rebalance_the_partition_is_rewound_to_the_released_record(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    app.consumer_generation_id = 2
+    consumer = app.consumer
+    consumer.flow_active = True
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    monkeypatch.setattr(consumer, "seek", seek)
+    consumer.ack(message(7, generation_id=1))
+    consumer.ack(message(8, generation_id=1))  # a later one: the first rewind covers it
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert seeks == [(TP0, 7)]
+    assert faust_patches.held(consumer)[TP0] == {7, 8}
