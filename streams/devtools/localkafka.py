@@ -279,7 +279,9 @@ class LocalKafka:
     def _format(self, lib: Path, properties: Path) -> None:
         cluster_id = _cluster_id()
         result = subprocess.run(
-            self._java(lib, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+            # "--cluster-id=<id>" in one argument: an id may start with "-" (url-safe
+            # base64), which the tool would read as an option (about 1 in 64 ids).
+            self._java(lib, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
                        "-c", str(properties), "--ignore-formatted"),
             capture_output=True, text=True, check=False,
         )
