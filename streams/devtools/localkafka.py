@@ -265,7 +265,7 @@ class LocalKafka:
         process = subprocess.Popen(
             self._java(lib, "kafka.Kafka", str(properties)),
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=_more_open_files,
         )
         out.close()
         self.pid_file.write_text(f"{process.pid}\n")
@@ -314,6 +314,24 @@ class LocalKafka:
                 time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
         return True
+
+
+#: Open files the broker may hold: each partition keeps a few (segment, indexes),
+#: and a test session creates thousands of partitions.
+BROKER_OPEN_FILES = 262_144
+
+
+def _more_open_files() -> None:
+    """Raise the broker's open-file limit as far as this user may (in the child, before exec)."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for wanted in (BROKER_OPEN_FILES, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(wanted, hard)))
+            return
+        except (ValueError, OSError):  # not allowed to raise the hard limit: the soft one then
+            continue
 
 
 def _cluster_id() -> str:

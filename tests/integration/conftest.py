@@ -12,7 +12,11 @@ import pytest
 import pytest_asyncio
 
 from streams.settings import Settings
-from tests.integration.payment_support import localstripe, payment_stack  # noqa: F401  (fixtures)
+from tests.integration.payment_support import (  # noqa: F401  (fixtures)
+    drop_topics,
+    localstripe,
+    payment_stack,
+)
 from tests.integration.pipeline_support import Pipeline, private_settings
 from tests.integration.registry_support import RegistryThread, drop_topic, registry_settings
 from tests.integration.standin_support import StandinThread
@@ -71,10 +75,10 @@ def registry(
 @pytest.fixture
 def app_settings(
     kafka_bootstrap: str, registry_url: str, unique_name: Callable[[str], str], tmp_path: Path
-) -> Settings:
-    """Settings for one test's own app: private topics, group, state dir and port."""
+) -> Iterator[Settings]:
+    """Settings for one test's own app: private topics (dropped afterwards), group, state dir and port."""
     prefix = unique_name("app") + "."
-    return Settings.from_env(
+    settings = Settings.from_env(
         kafka_bootstrap_servers=kafka_bootstrap,
         schema_registry_url=registry_url,
         topic_prefix=prefix,
@@ -83,6 +87,8 @@ def app_settings(
         state_dir=tmp_path / "state",
         worker_web_port=_free_port(),
     )
+    yield settings
+    drop_topics(settings)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -102,3 +108,4 @@ async def pipe(
         yield pipeline
     finally:
         await pipeline.stop()
+        drop_topics(pipeline.settings)  # a broker holds files per partition: leave none behind
