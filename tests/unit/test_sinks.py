@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 
+from agents import DOMAINS
 from connectors.clients.base import ServiceUnavailable
 from connectors.clients.spec import endpoint
-from connectors.sinks import PatientService
+from connectors.sinks import SINK_DOMAINS, PatientService, sink_settings
 from streams.envelope import new_event
 from streams.kernel import CallRefused
+from streams.settings import Settings
 from tables import billing_sink, notification_sink
 from tables.aggregate import NOOP, Call, Outcome
 from tables.sinks import UNAVAILABLE, GaveUp, SinkRefused, iso_date
@@ -254,3 +256,17 @@ def test_patient_service_without_patience_retries_for_ever() -> None:
 def test_patient_service_refuses_a_negative_patience() -> None:
     with pytest.raises(ValueError):
         PatientService(Flaky(), -1.0)
+
+
+def test_sink_settings_are_a_group_of_their_own() -> None:
+    base = Settings.from_env(env={}, app_id="paystream", worker_web_port=6066)
+    chosen = sink_settings(base)
+    assert (chosen.app_id, chosen.domains, chosen.worker_web_port) == (
+        "paystream-sinks", "notifications,billing", 6067)
+    assert chosen.group_instance_id != base.group_instance_id
+    assert sink_settings(base, "billing").domains == "billing"
+    for wrong in ("orders", "", "billing,payments"):
+        with pytest.raises(ValueError):
+            sink_settings(base, wrong)
+    assert "notifications" not in base.domain_names and "billing" not in base.domain_names
+    assert set(SINK_DOMAINS) <= set(DOMAINS)
