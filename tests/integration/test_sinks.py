@@ -27,6 +27,7 @@ import pytest_asyncio
 
 from connectors import sinks
 from streams.settings import Settings
+from tests.integration.payment_support import drop_topics
 from tests.integration.pipeline_support import (
     DeadLetterReader,
     EventReader,
@@ -163,6 +164,7 @@ async def stack(kafka_bootstrap: str, registry_url: str, tmp_path_factory: pytes
         finally:
             worker.kill()
             services.stop()
+            drop_topics(orders)  # the sink group's changelogs share the prefix
 
 
 def payloads(order_id: str, user_id: str, intent: str) -> dict[str, dict[str, Any]]:
