@@ -402,7 +402,7 @@ class Aggregate:
             command_id = record.get("command_id")
             if answered and isinstance(command_id, str):
                 return command_id, refusal  # the requester is told; nothing to keep
-            return self._dead_letter(event, "rejected", refusal)
+            return self._dead_letter(event, refusal.dead_letter_reason, refusal)
         key = message.key if isinstance(message.key, bytes) else str(message.key or "").encode()
         return Inbound(event, key, topic, body, step, input_id, cause, answered)
 
@@ -463,7 +463,7 @@ class Aggregate:
                 log.info("%s: %s refused: %s", self.flow.name, record.input_id, refusal)
                 plan.verdicts.append((record.input_id, refusal))
             else:
-                plan.outgoing.append(self._dead_letter(record.event, "rejected", refusal))
+                plan.outgoing.append(self._dead_letter(record.event, refusal.dead_letter_reason, refusal))
             return []
         except Exception as exc:  # a bug in a decision, a row or a contract: keep the record
             log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id)

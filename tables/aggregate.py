@@ -44,6 +44,8 @@ class Refusal(ValueError):
 
     status: int = 400
     code: str = "invalid"
+    #: ``dlq.reason`` of the dead letter a refused event becomes.
+    dead_letter_reason: str = "rejected"
 
 
 class Invalid(Refusal):

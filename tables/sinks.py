@@ -47,8 +47,11 @@ class GaveUp(SinkRefused):
     """The call kept failing transiently past the sink's patience (code "unavailable").
 
     Dead-lettered like a refusal, with its bytes, so the sink goes on; the
-    service did not say no, so the dead letter is worth replaying.
+    service did not say no, so the dead letter (``dlq.reason``
+    "unavailable") is worth replaying.
     """
+
+    dead_letter_reason = "unavailable"
 
 #: The code of a call given up after the sink's patience (``connectors.sinks.PatientService``).
 UNAVAILABLE = "unavailable"
