@@ -25,8 +25,8 @@ mapping of events to client calls) run by the kernel's driver
 - **but not forever** (:class:`PatientService`): an event whose call has
   failed transiently for ``patience_seconds`` (default
   :data:`PATIENCE_SECONDS`, 10 minutes) is dead-lettered as
-  :class:`tables.sinks.GaveUp` (``dlq.error`` "GaveUp: ... unavailable ...") with its
-  bytes, so one event the service keeps failing (a payload it answers with
+  :class:`tables.sinks.GaveUp` (``dlq.reason`` "unavailable", so it is worth
+  replaying) with its bytes, so one event the service keeps failing (a payload it answers with
   500, a call that always times out) cannot hold back the other events and
   partitions of the sink.  This is Kafka Connect's ``errors.retry.timeout``
   plus dead-letter queue.  A service that stays down longer than the patience
