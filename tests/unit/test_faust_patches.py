@@ -173,23 +173,55 @@ def test_a_hold_below_what_was_committed_elsewhere_is_dropped(app: faust.App) ->
     assert not faust_patches.held(consumer).get(TP0)
 
 
-async def test_outside_a_rebalance_the_partition_is_rewound_to_the_released_record(
-    app: faust.App, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position: int,
+                   flow_active: bool = True) -> list[tuple[TP, int]]:
     import asyncio
 
     app.consumer_generation_id = 2
     consumer = app.consumer
-    consumer.flow_active = True
+    consumer.flow_active = flow_active
+    if flow_active:
+        consumer.can_resume_flow.set()
+    else:
+        consumer.can_resume_flow.clear()
     seeks: list[tuple[TP, int]] = []
 
     async def seek(tp: TP, offset: int) -> None:
         seeks.append((tp, offset))
 
+    async def at(tp: TP) -> int:
+        return position
+
     monkeypatch.setattr(consumer, "seek", seek)
+    monkeypatch.setattr(consumer, "position", at)
     consumer.ack(message(7, generation_id=1))
     consumer.ack(message(8, generation_id=1))  # a later one: the first rewind covers it
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
-    assert seeks == [(TP0, 7)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    if not flow_active:
+        assert seeks == []  # a rebalance is under way: wait for it
+        consumer.flow_active = True
+        consumer.can_resume_flow.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
     assert faust_patches.held(consumer)[TP0] == {7, 8}
+    return seeks
+
+
+async def test_a_partition_fetched_past_a_released_record_is_rewound_to_it(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert await _rewound(app, monkeypatch, position=12) == [(TP0, 7)]
+
+
+async def test_a_partition_not_yet_fetched_past_it_is_never_sought_forward(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert await _rewound(app, monkeypatch, position=5) == []
+
+
+async def test_during_a_rebalance_the_rewind_waits_for_the_flow(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust's seek to committed offsets leaves a never-committed partition where it was."""
+    assert await _rewound(app, monkeypatch, position=12, flow_active=False) == [(TP0, 7)]
