@@ -168,14 +168,9 @@ class OrderApi(AggregateApi):
                 dry_run = {**aggregate.command_message(record, "order_id"),
                            "payment_method": WALLET, "wallet_transaction_id": "not-yet"}
                 order_state.create(None, dry_run, now_ms(), window_ms)  # a Refusal: take nothing
-                balance = await clients.wallet.get_balance(user_id)
-                if balance.currency != args["currency"] or balance.balance_amount < args["total_amount"]:
-                    return _error(402, "insufficient_funds",
-                                  f"the wallet of {user_id} holds {balance.balance_amount} "
-                                  f"{balance.currency}; the order costs {args['total_amount']} "
-                                  f"{args['currency']}")
-                # The deduction is the check that counts (the balance may change
-                # in between); the read above only spares a doomed debit.
+                # No balance read first: a retry of a paid order (same key) would find
+                # the balance already lowered by its own deduction; the deduction,
+                # replayed under its key, answers what it did, and refuses when short.
                 paid = await clients.wallet.deduct_credits(
                     user_id, int(args["total_amount"]), str(args["currency"]), reason="order",
                     idempotency_key=aggregate.derived_id("wallet-order", order_id), reference_id=order_id)

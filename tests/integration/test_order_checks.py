@@ -105,6 +105,20 @@ async def test_an_order_paid_with_wallet_credits_is_deducted_once_and_completed(
     assert sorted(pipe.order_events(order["order_id"])) == ["order.completed", "order.created"]
 
 
+async def test_a_retry_after_the_deduction_left_too_little_gets_the_paid_order(
+    pipe: Pipeline, standins: StandinThread
+) -> None:
+    user, key = uid("u-exact"), uid("create")
+    wallet_of(standins, user, 2_500)  # exactly the order: nothing left after it
+    request = body(user, payment_method="wallet")
+    first = await pipe.api.client.post("/orders", json=request, headers={"Idempotency-Key": key})
+    assert first.status_code == 201, first.text
+    again = await pipe.api.client.post("/orders", json=request, headers={"Idempotency-Key": key})
+    assert again.status_code in (200, 201), again.text
+    assert again.json()["order_id"] == first.json()["order_id"] and again.json()["status"] == "COMPLETED"
+    assert standins.standins.world.wallets[user].balance_amount == 0  # deducted once
+
+
 async def test_not_enough_credits_is_402_and_nothing_is_taken(
     pipe: Pipeline, standins: StandinThread
 ) -> None:
