@@ -146,7 +146,11 @@ class OrderApi(AggregateApi):
         cannot answer is 503 with Retry-After: no order is created half-checked.
         The create command ``record`` gains the wallet transaction that paid
         the order; it is checked by the order's own rules first, so no credits
-        are taken for an order the aggregate would refuse.
+        are taken for an order the aggregate would refuse.  A SIGKILL between
+        the deduction and the command's ack leaves credits taken and no order
+        until the client retries under its Idempotency-Key (required here for
+        that reason): the replayed deduction answers the same transaction and
+        the order is created, paid once.
         """
         clients = self.app.clients
         args, order_id = record["args"], record["order_id"]
