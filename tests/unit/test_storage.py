@@ -81,7 +81,9 @@ def test_partition_databases_of_all_tables_share_one_cache_sized_by_settings(app
             grown.append(budget.usage()["memtables"])
     after = budget.usage()
     assert after["memtables"] > before["memtables"]
-    assert grown == sorted(grown) and len(set(grown)) > 1
+    # It grows with each database's writes until the write buffer manager (8 MiB)
+    # flushes, which may come from the 7th fill on (about 1 MiB each): timing.
+    assert grown[:5] == sorted(grown[:5]) and len(set(grown[:5])) == 5
     assert after["cache"] >= after["memtables"]
     assert len({id(s.rocksdb_options.budget.cache) for s in stores}) == 1
 
