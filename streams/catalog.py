@@ -257,6 +257,9 @@ USER_PAYMENT_INDEX = "paystream.user-payment-index"
 PAYMENT_INTENT_LINKS = "paystream.payment-intent-links"
 USER_ORDER_INDEX = "paystream.user-order-index"
 SUBSCRIPTION_ORDER_INDEX = "paystream.subscription-order-index"
+SUBSCRIPTION_COMMANDS = "paystream.subscription-commands"
+USER_SUBSCRIPTION_INDEX = "paystream.user-subscription-index"
+INVOICE_COMMANDS = "paystream.invoice-commands"
 DEAD_LETTERS = "paystream.dead-letters"
 
 #: Internal topics; keyed ones are co-partitioned with the event topics.
@@ -305,6 +308,27 @@ INTERNAL_TOPICS: Mapping[str, InternalTopicSpec] = MappingProxyType({
             EVENT_RETENTION_MS,
             "Repartition of subscription orders by subscription_id, feeding the "
             "subscription -> orders index.",
+        ),
+        InternalTopicSpec(
+            SUBSCRIPTION_COMMANDS, "subscription_id (Stripe's sub_ id)", EVENT_PARTITIONS,
+            "delete", EVENT_RETENTION_MS,
+            "Commands for one subscription: Stripe facts re-keyed from stripe.events, the "
+            "subscription paystream just opened at Stripe, cancels from the API, and the "
+            "per-subscription work of the user fan-outs (user.deleted, user.upgraded, "
+            "wallet.insufficient_funds); read by the subscription agent with "
+            "subscription.usage_exceeded.",
+        ),
+        InternalTopicSpec(
+            USER_SUBSCRIPTION_INDEX, "user_id", EVENT_PARTITIONS, "delete", EVENT_RETENTION_MS,
+            "Commands for one user's subscriptions (create_subscription from the API) and "
+            "repartitioned subscription summaries, feeding the user -> subscriptions index "
+            "that user.deleted, user.upgraded and wallet.insufficient_funds fan out from.",
+        ),
+        InternalTopicSpec(
+            INVOICE_COMMANDS, "invoice_id (Stripe's in_ id)", EVENT_PARTITIONS, "delete",
+            EVENT_RETENTION_MS,
+            "Commands for one invoice: Stripe facts re-keyed from stripe.events and the "
+            "invoices paystream opens at Stripe (usage overage); read by the invoice agent.",
         ),
         InternalTopicSpec(
             DEAD_LETTERS, "the original record's key", EVENT_PARTITIONS, "delete",
