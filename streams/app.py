@@ -14,6 +14,7 @@ reachable yet, and a quiet log.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,17 @@ RECOVERY_BUFFER_SIZE = 10_000
 #: Seconds one schema registry request may take (the client's default is no
 #: limit: a registry that never answers would hang the start without a word).
 REGISTRY_TIMEOUT_SECONDS = 10
+
+#: The cyclic garbage collector's thresholds in a worker process (CPython's
+#: default is 700, 10, 10: a young-generation pass every 700 net container
+#: allocations, a full one every hundred of those once enough objects have
+#: survived).  A worker allocates many short-lived containers per record
+#: (decoded records, rows, events, futures) on top of a large long-lived heap
+#: (Faust, aiokafka, the contracts), and every full pass walks that heap: on
+#: the order lifecycle bench the collector took about a fifth of the worker's
+#: CPU with the default, almost none with these.  Collections are rarer, not
+#: disabled: cycles are still freed.
+GC_THRESHOLDS = (20_000, 10, 10)
 
 #: Start-up waits: first retry after this many seconds, doubling up to the cap.
 RETRY_FIRST_SECONDS = 0.5
@@ -273,8 +285,14 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     verbose = logging.getLevelName(loglevel.upper()) == logging.DEBUG
     worker = faust.Worker(worker_app, loglevel=loglevel,
                           logging_config={"merge": True} if verbose else None)
+    tune_gc()
     worker.execute_from_commandline()
     return 0
+
+
+def tune_gc() -> None:
+    """Set this process's garbage collector thresholds to :data:`GC_THRESHOLDS`."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def retry_until_reachable(
