@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -70,8 +71,8 @@ def new_event(
     if not isinstance(payload, Mapping):
         raise InvalidEvent(topic, f"payload must be a mapping, not {type(payload).__name__}")
 
-    envelope_names = set(ENVELOPE_FIELDS)
-    smuggled = sorted(name for name in payload if name in envelope_names)
+    names = _names(topic)
+    smuggled = sorted(name for name in payload if name in _ENVELOPE_NAMES)
     if smuggled:
         raise InvalidEvent(
             topic,
@@ -79,17 +80,10 @@ def new_event(
             "(use its keyword arguments)",
             smuggled,
         )
-    known = {field["name"] for field in fields}
-    unknown = sorted(str(name) for name in payload if name not in known)
+    unknown = sorted(str(name) for name in payload if name not in names.known)
     if unknown:
         raise InvalidEvent(topic, f"unknown field(s) {', '.join(unknown)}", unknown)
-    missing = [
-        field["name"]
-        for field in fields
-        if field["name"] not in envelope_names
-        and "default" not in field
-        and field["name"] not in payload
-    ]
+    missing = [name for name in names.required if name not in payload]
     if missing:
         raise InvalidEvent(topic, f"missing required field(s) {', '.join(missing)}", missing)
 
@@ -149,6 +143,24 @@ def _fields(topic: str) -> tuple[dict[str, Any], ...]:
     """The contract's fields, copied once per process: :func:`new_event` only reads them
     (defaults are copied per event), and building events is on every agent's hot path."""
     return tuple(schema_dict(topic)["fields"])
+
+
+_ENVELOPE_NAMES = frozenset(ENVELOPE_FIELDS)
+
+
+@dataclass(frozen=True)
+class _Names:
+    known: frozenset[str]  # every field of the contract
+    required: tuple[str, ...]  # payload fields without a default, in contract order
+
+
+@cache
+def _names(topic: str) -> _Names:
+    """The field names :func:`new_event` checks a payload against, once per topic."""
+    fields = _fields(topic)
+    return _Names(frozenset(field["name"] for field in fields),
+                  tuple(field["name"] for field in fields
+                        if field["name"] not in _ENVELOPE_NAMES and "default" not in field))
 
 
 def _causation_id(topic: str, cause: Mapping[str, Any] | None) -> str | None:

@@ -89,7 +89,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -106,7 +105,7 @@ from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
 from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
 from streams.envelope import new_event
 from streams.routing import ReplyBook
-from streams.table_io import TableIO, bound_to
+from streams.table_io import TableIO, bound_to, json_bytes
 from tables import aggregate
 from tables.aggregate import Call, DeadlineEffect, Decision, Flow, Outcome, Refusal, Step
 from tables.deadlines import Deadlines, now_ms
@@ -512,7 +511,7 @@ class Aggregate:
                         topic.value_serializer.dumps(event))
 
     def _send_record(self, send: aggregate.Send) -> Outgoing:
-        value = json.dumps(send.value, separators=(",", ":")).encode()
+        value = json_bytes(send.value)
         return Outgoing(self.app.settings.topic(send.topic), send.key.encode(), value)
 
     def _dead_letter(self, event: EventT, reason: str, error: BaseException) -> Outgoing:
@@ -595,7 +594,7 @@ class Aggregate:
         """Publish a command record to this flow's command topic and await its ack."""
         key = record[self.flow.key_field]
         topic = self.app.settings.topic(self.flow.command_topic)
-        value = json.dumps(record, separators=(",", ":")).encode()
+        value = json_bytes(record)
         await (await self.app.producer.send(topic, key.encode(), value, None, None, None))
 
     async def hand_over(self, due: Sequence[tuple[str, int]]) -> None:
@@ -610,7 +609,7 @@ class Aggregate:
                 command_id=aggregate.derived_id(self.fire_step.input, aggregate_id, deadline_ms),
                 deadline_ms=deadline_ms,
             )
-            value = json.dumps(record, separators=(",", ":")).encode()
+            value = json_bytes(record)
             acks.append(await producer.send(topic, aggregate_id.encode(), value, None, None, None))
         await asyncio.gather(*acks)
 

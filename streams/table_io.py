@@ -36,6 +36,23 @@ from faust.types import TP, EventT
 
 from streams.bulk_send import Sent, send_all
 
+#: One compact JSON encoder and one decoder for every row, made once:
+#: ``json.dumps(value, separators=...)`` builds a new encoder per call, and
+#: ``json.loads(bytes)`` sniffs the byte encoding first (rows are UTF-8, the
+#: encoder's ASCII output).  Same text as ``json.dumps(value, separators=(",", ":"))``.
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+_decode = json.JSONDecoder().decode
+
+
+def json_bytes(value: Any) -> bytes:
+    """``value`` as compact JSON bytes (what every table row and internal record is)."""
+    return _encode(value).encode()
+
+
+def json_value(raw: bytes) -> Any:
+    """The value of JSON bytes written by :func:`json_bytes` (or any UTF-8 JSON)."""
+    return _decode(raw.decode())
+
 
 @contextmanager
 def bound_to(event: EventT) -> Iterator[None]:
@@ -82,7 +99,7 @@ class TableIO:
             with bound_to(event):
                 return self.table.get(key)
         raw = store._db_for_partition(event.message.partition).get(key)
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else json_value(raw)
 
     def contains(self, event: EventT, key: bytes) -> bool:
         store = self._store
@@ -97,7 +114,7 @@ class TableIO:
             with bound_to(event):
                 self.table[key] = value
             return
-        self.put_bytes(event, key, json.dumps(value, separators=(",", ":")).encode())
+        self.put_bytes(event, key, json_bytes(value))
 
     def put_bytes(self, event: EventT, key: bytes, raw: bytes) -> None:
         """Store already-encoded ``raw`` (a table whose values are raw bytes, or JSON text)."""

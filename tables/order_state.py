@@ -296,6 +296,17 @@ class Order:
         data["status"] = self.status.value
         return _copied(data)
 
+    def stored(self) -> dict[str, Any]:
+        """What the table stores: :meth:`to_dict` without the copies.
+
+        The lists and maps are the row's own: for the kernel, which encodes
+        the value at once (the flow's ``dump``); rows are not changed in place
+        once decided (:func:`_evolve` works on a copy).
+        """
+        data = {name: getattr(self, name) for name in _ORDER_FIELD_ORDER}
+        data["status"] = self.status.value
+        return data
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Order:
         """Read a row written by :meth:`to_dict`, by this or another version.
@@ -1391,7 +1402,7 @@ def order_flow(default_window_ms: int) -> aggregate.Flow:
         key_field="order_id",
         steps=steps,
         load=Order.from_dict,
-        dump=Order.to_dict,
+        dump=Order.stored,
         command_topic=ORDER_COMMANDS,
         deadline_of=deadline_of,
         follow=index_updates,

@@ -88,6 +88,14 @@ def test_a_derived_id_is_a_uuid5_of_the_parts() -> None:
     assert uuid.UUID(value).version == 5
 
 
+@pytest.mark.parametrize("parts", [
+    ("a/b", "c"), ("a\\", "/b"), ("ünïcödé", "ä/ö", 7), ("",), (None, 1_700_000_000_000, "x"),
+])
+def test_a_derived_id_is_uuid5_of_the_escaped_parts(parts: tuple[object, ...]) -> None:
+    escaped = "/".join(str(p).replace("\\", "\\\\").replace("/", "\\/") for p in parts)
+    assert derived_id(*parts) == str(uuid.uuid5(ID_NAMESPACE, escaped))
+
+
 def test_the_same_parts_always_derive_the_same_id() -> None:
     assert derived_id("evt-1", "fulfill", "o-1") == derived_id("evt-1", "fulfill", "o-1")
     assert derived_id("expire", "o-1", 1_700_000_000_000) == derived_id("expire", "o-1", 1_700_000_000_000)
