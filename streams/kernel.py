@@ -41,9 +41,10 @@ One batch, in order
    input the row already applied (a duplicate), or that changed nothing,
    re-asserts the row's deadline (an idempotent put); a duplicate also logs
    the row again.  Writes go to the partition of the record that caused them
-   (:mod:`streams.table_io`): into its RocksDB database at once, and as
-   changelog records handed to the same producer (a batch per partition)
-   before step 6.
+   (:mod:`streams.table_io`): the rows into one RocksDB write batch per
+   partition, written to the databases right after the loop, before the
+   first ``await`` (deadlines straight into theirs), and as changelog
+   records handed to the same producer (a batch per partition) before step 6.
 5. **Answer** the requests waiting for these records (API commands).
 6. **Acknowledge** the records (``Event.ack``, Faust's bookkeeping of
    committable offsets); Faust's commit loop flushes the producer (table
@@ -252,7 +253,7 @@ class Aggregate:
         # (faust-streaming #514: a str key_type would hash JSON-quoted keys).
         self.table = app.Table(flow.name, key_type=bytes, value_type=None,
                                partitions=catalog.EVENT_PARTITIONS, default=None)
-        self.rows = TableIO(app, self.table)
+        self.rows = TableIO(app, self.table, batched=True)  # a RocksDB write batch per partition
         self.names = {app.settings.topic(name): name for name in flow.topics}
         self.decoder = Decoder(app, self.names)
         #: The field that identifies an input record: an event's ``event_id``,
@@ -576,6 +577,7 @@ class Aggregate:
                         self.deadlines.cancel(aggregate_id, deadline)
                     if schedule:
                         self.deadlines.schedule(aggregate_id, after)
+        self.rows.commit()  # the rows' write batches, before anything else can run
         await self.rows.flush()
         if self.deadlines is not None:
             await self.deadlines.flush()

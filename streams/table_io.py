@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import rocksdict
 from faust.streams import _current_event
 from faust.types import TP, EventT
 
@@ -78,14 +79,26 @@ class TableIO:
     queue is handed to the producer by :meth:`flush` (the kernel awaits it
     before it acknowledges a batch) or, for writers that do not, by a task
     started on the first queued record, so nothing stays unsent.
+
+    ``batched=True`` collects the writes in one RocksDB write batch per
+    partition instead (a put costs a WAL write of its own; a write batch one
+    for all), written to the store by :meth:`commit`, which :meth:`flush`
+    and the queue's task call before they hand any changelog record over.
+    Reads through this object see the pending writes; other readers (Faust's
+    ``table.get``, iterators) see them once committed, so the writer commits
+    (or flushes) before it awaits anything: the kernel writes a batch's rows
+    and calls ``flush`` without an ``await`` in between.
     """
 
-    def __init__(self, app: Any, table: Any) -> None:
+    def __init__(self, app: Any, table: Any, *, batched: bool = False) -> None:
         self.app = app
         self.table = table
+        self.batched = batched
         self._acked: dict[int, int] = {}  # partition -> newest acknowledged changelog offset
         self._queue: list[tuple[int, bytes, bytes | None]] = []
         self._draining: asyncio.Task[None] | None = None
+        # partition -> (its write batch, key -> value or None for a delete), until commit
+        self._pending: dict[int, tuple[Any, dict[bytes, bytes | None]]] = {}
 
     @property
     def _store(self) -> Any:
@@ -98,7 +111,7 @@ class TableIO:
         if store is None:
             with bound_to(event):
                 return self.table.get(key)
-        raw = store._db_for_partition(event.message.partition).get(key)
+        raw = self._read(store, event.message.partition, key)
         return None if raw is None else json_value(raw)
 
     def contains(self, event: EventT, key: bytes) -> bool:
@@ -106,7 +119,13 @@ class TableIO:
         if store is None:
             with bound_to(event):
                 return self.table.get(key) is not None
-        return store._db_for_partition(event.message.partition).get(key) is not None
+        return self._read(store, event.message.partition, key) is not None
+
+    def _read(self, store: Any, partition: int, key: bytes) -> bytes | None:
+        pending = self._pending.get(partition)
+        if pending is not None and key in pending[1]:
+            return pending[1][key]
+        return store._db_for_partition(partition).get(key)
 
     def put(self, event: EventT, key: bytes, value: Any) -> None:
         """Store ``value`` (JSON-able) under ``key`` in ``event``'s partition, and log it."""
@@ -124,7 +143,12 @@ class TableIO:
                 self.table[key] = raw
             return
         partition = event.message.partition
-        store._db_for_partition(partition).put(key, raw)
+        if self.batched:
+            batch, values = self._batch(partition)
+            batch.put(key, raw)
+            values[key] = raw
+        else:
+            store._db_for_partition(partition).put(key, raw)
         store._key_index[key] = partition
         self._log(partition, key, raw)
 
@@ -137,8 +161,28 @@ class TableIO:
                     del self.table[key]
             return
         partition = event.message.partition
-        store._db_for_partition(partition).delete(key)
+        if self.batched:
+            batch, values = self._batch(partition)
+            batch.delete(key)
+            values[key] = None
+        else:
+            store._db_for_partition(partition).delete(key)
         self._log(partition, key, None)
+
+    def _batch(self, partition: int) -> tuple[Any, dict[bytes, bytes | None]]:
+        pending = self._pending.get(partition)
+        if pending is None:
+            pending = self._pending[partition] = (rocksdict.WriteBatch(raw_mode=True), {})
+        return pending
+
+    def commit(self) -> None:
+        """Write the pending write batches to their partitions' databases (``batched``)."""
+        if not self._pending:
+            return
+        store = self._store
+        pending, self._pending = self._pending, {}
+        for partition, (batch, _values) in pending.items():
+            store._db_for_partition(partition).write(batch)
 
     def _log(self, partition: int, key: bytes, raw: bytes | None) -> None:
         self._queue.append((partition, key, raw))
@@ -146,7 +190,8 @@ class TableIO:
             self._draining = asyncio.ensure_future(self._drain())
 
     async def flush(self) -> None:
-        """Hand every queued changelog record to the producer (acks are not awaited)."""
+        """Commit, then hand every queued changelog record to the producer (acks are not awaited)."""
+        self.commit()
         while self._draining is not None:
             await asyncio.shield(self._draining)
 
@@ -154,6 +199,7 @@ class TableIO:
         try:
             topic = self.table.changelog_topic.get_topic_name()
             while self._queue:
+                self.commit()  # a record reaches the changelog only after the store has it
                 queued, self._queue = self._queue, []
                 sent = await send_all(self.app, [(topic, key, raw, partition, None)
                                                  for partition, key, raw in queued])
