@@ -65,9 +65,20 @@ def parts(tmp_path: Path) -> Any:
 
 
 def test_json_helpers_write_what_json_dumps_writes() -> None:
-    value = {"a": [1, {"b": None}], "ü": "ö", "n": 1.5}
+    value = {"a": [1, {"b": None}], "n": 1.5, "s": "x\\"}
     assert json_bytes(value) == json.dumps(value, separators=(",", ":")).encode()
     assert json_value(json_bytes(value)) == value
+
+
+@pytest.mark.parametrize("value", [
+    {"ü": "ö ✓"},  # UTF-8 where json.dumps escapes: the same value for every reader
+    {"big": 2**70},  # beyond orjson's 64-bit integers: the standard library encodes it
+    {1: "int key"},  # a key orjson refuses: the standard library makes it "1"
+])
+def test_json_helpers_read_back_what_json_reads(value: Any) -> None:
+    assert json.loads(json_bytes(value)) == json.loads(json.dumps(value))
+    assert json_value(json_bytes(value)) == json.loads(json.dumps(value))
+    assert json_value(json.dumps(value).encode()) == json.loads(json.dumps(value))
 
 
 async def test_batched_writes_reach_the_database_on_commit_and_reads_see_them_before(parts: Any) -> None:
