@@ -18,6 +18,7 @@ from faust.types import EventT
 
 from streams import catalog
 from streams.codec import MalformedRecord, decode
+from streams.table_io import json_value
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class Decoder:
             raise MalformedRecord(f"{kafka_topic}: not a topic this agent reads")
         if name not in catalog.CATALOG:
             try:
-                record = json.loads(value or b"")
+                record = json_value(value or b"")
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise MalformedRecord(f"{kafka_topic}: not JSON: {exc}") from exc
             if not isinstance(record, dict):
