@@ -362,6 +362,8 @@ _REQUIRED_ROW_KEYS = (
 )
 _ORDER_FIELD_ORDER = tuple(f.name for f in dataclasses.fields(Order))
 _ORDER_FIELD_NAMES = frozenset(_ORDER_FIELD_ORDER)
+#: The row's list and map fields (str, int, None and the status everywhere else).
+_CONTAINER_FIELDS = ("items", "refund_ids", "fulfillment_details", "metadata", "idempotency_keys")
 
 
 def _optional_int(value: Any) -> int | None:
@@ -387,9 +389,16 @@ def _evolve(order: Order, applied_id: str, now_ms: int, **changes: Any) -> Order
     Works on a copy, so the caller's row (which the agent may still hold, or
     which a test compares against) is never mutated.
     """
-    ids = [*order.applied_event_ids, applied_id][-MAX_APPLIED_IDS:]
-    copied = {name: value for name, value in _copied(_vars_of(order)).items() if name not in changes}
-    return Order(**{**copied, **changes, "applied_event_ids": ids, "updated_at_ms": now_ms})
+    values = _vars_of(order)
+    for name in _CONTAINER_FIELDS:  # what _copied would copy: the other fields are immutable
+        if name not in changes:
+            value = values[name]
+            values[name] = ([dict(v) if isinstance(v, dict) else v for v in value]
+                            if isinstance(value, list) else dict(value))
+    values.update(changes)
+    values["applied_event_ids"] = [*order.applied_event_ids, applied_id][-MAX_APPLIED_IDS:]
+    values["updated_at_ms"] = now_ms
+    return Order(**values)
 
 
 def _vars_of(order: Order) -> dict[str, Any]:

@@ -1165,3 +1165,28 @@ def test_a_card_order_says_so_in_order_created() -> None:
 def test_a_wallet_payment_needs_its_transaction_and_no_other_method_exists(overrides: dict[str, Any]) -> None:
     with pytest.raises(Invalid):
         create_order(None, create_command(**overrides), LATER, WINDOW_MS)
+
+
+def test_evolve_copies_every_list_and_map_field() -> None:
+    """_evolve copies the fields listed in _CONTAINER_FIELDS only: every list or map field must be there."""
+    import dataclasses
+
+    from tables.order_state import _CONTAINER_FIELDS, _evolve
+
+    fields = {f.name: f.type for f in dataclasses.fields(Order)}
+    containers = {name for name, kind in fields.items() if str(kind).startswith(("list", "dict"))}
+    assert containers == {*_CONTAINER_FIELDS, "applied_event_ids"}
+    order = Order(order_id="o-1", user_id="u-1", order_type="ONE_TIME", status=OrderStatus.PENDING,
+                  total_amount=5, currency="EUR",
+                  items=[{"product_id": "p", "quantity": 1, "unit_amount": 5}],
+                  created_at_ms=1, updated_at_ms=1, refund_ids=["r"], fulfillment_details={"a": "b"},
+                  metadata={"c": "d"}, applied_event_ids=["e"], idempotency_keys={"k": "f"})
+    before = order.to_dict()
+    evolved = _evolve(order, "e2", 2, status=OrderStatus.CANCELED)
+    for name in containers:
+        assert getattr(evolved, name) is not getattr(order, name)
+    assert evolved.items[0] is not order.items[0]
+    evolved.items[0]["quantity"] = 9
+    evolved.metadata["x"] = "y"
+    assert order.to_dict() == before
+    assert evolved.applied_event_ids == ["e", "e2"] and evolved.updated_at_ms == 2
