@@ -18,7 +18,8 @@ What stays as it was:
   commits offsets, waits for these records too;
 - partitions: a record without an explicit partition goes where the
   producer's own partitioner puts it (murmur2 of the key, as every client
-  does), so co-partitioning holds;
+  does), so co-partitioning holds; with aiokafka's ``DefaultPartitioner``
+  its rule for a keyed record is applied here, the key's hash remembered;
 - order: records of one partition keep the order they were handed over in,
   in one batch, or in consecutive batches when they exceed the batch size;
 - refusals: a record larger than the producer's ``max_request_size`` raises
@@ -43,9 +44,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.partitioner import DefaultPartitioner, murmur2
+
 #: Bytes a record's framing adds at most to its key, value and headers, in
 #: aiokafka's size estimate (varints, attributes, headers' counts; generous).
 SIZE_MARGIN = 1024
+
+#: Keys whose murmur2 hash :func:`send_all` remembers (aiokafka's is pure
+#: Python, a few microseconds a key; an order's events and a user's index
+#: updates repeat their key within seconds).  Forgotten all at once when full.
+HASHES_KEPT = 50_000
+_hashes: dict[bytes, int] = {}
 
 #: (topic, key, value, partition or None, headers or None)
 Record = tuple[str, bytes | None, bytes | None, int | None, Sequence[tuple[str, bytes]] | None]
@@ -99,7 +108,16 @@ async def send_all(app: Any, records: Sequence[Record]) -> list[Sent]:
                 everything = await producer.partitions_for(topic)  # waits for metadata if needed
                 available = cluster.available_partitions_for_topic(topic) or everything
                 known = partitions_of[topic] = (sorted(everything), sorted(available))
-            partition = partitioner(key, *known)
+            if key is not None and type(partitioner) is DefaultPartitioner:
+                # DefaultPartitioner's own rule for a key, its hash remembered
+                hashed = _hashes.get(key)
+                if hashed is None:
+                    if len(_hashes) >= HASHES_KEPT:
+                        _hashes.clear()
+                    hashed = _hashes[key] = murmur2(key) & 0x7FFFFFFF
+                partition = known[0][hashed % len(known[0])]
+            else:
+                partition = partitioner(key, *known)
         groups.setdefault((topic, partition), []).append((key, value, headers))
     sent: list[Sent] = []
     for (topic, partition), group in groups.items():

@@ -88,6 +88,18 @@ async def test_keyed_records_go_where_aiokafkas_partitioner_puts_them_in_order(b
     assert len(handed) == len(expected)  # one batch per partition
 
 
+async def test_remembered_hashes_put_keys_where_the_partitioner_does(batches: Any) -> None:
+    app, handed = batches
+    keys = [f"order-{n}".encode() for n in range(300)]
+    partitioner = DefaultPartitioner()
+    for _round in range(2):  # the second round's hashes are remembered ones
+        handed.clear()
+        await bulk_send.send_all(app, [("t", key, b"v", None, None) for key in keys])
+        got = {key: partition for _t, partition, records in handed for key, _v in records}
+        assert got == {key: partitioner(key, list(range(PARTITIONS)), []) for key in keys}
+    assert all(key in bulk_send._hashes for key in keys)
+
+
 async def test_explicit_partitions_are_kept_and_full_batches_continue_in_a_new_one(batches: Any) -> None:
     app, handed = batches
     records = [("log", b"k%d" % n, bytes(200), 3, None) for n in range(12)]  # > 1024-byte batches
