@@ -42,8 +42,8 @@ One batch, in order
    re-asserts the row's deadline (an idempotent put); a duplicate also logs
    the row again.  Writes go to the partition of the record that caused them
    (:mod:`streams.table_io`): the rows into one RocksDB write batch per
-   partition, written to the databases right after the loop, before the
-   first ``await`` (deadlines straight into theirs), and as changelog
+   partition (deadlines into theirs), written to the databases right after
+   the loop, before the first ``await``, and as changelog
    records handed to the same producer (a batch per partition) before step 6.
 5. **Answer** the requests waiting for these records (API commands).
 6. **Acknowledge** the records (``Event.ack``, Faust's bookkeeping of
@@ -577,7 +577,10 @@ class Aggregate:
                         self.deadlines.cancel(aggregate_id, deadline)
                     if schedule:
                         self.deadlines.schedule(aggregate_id, after)
-        self.rows.commit()  # the rows' write batches, before anything else can run
+        # the write batches of rows and deadlines, before anything else (the timer) can run
+        self.rows.commit()
+        if self.deadlines is not None:
+            self.deadlines.commit()
         await self.rows.flush()
         if self.deadlines is not None:
             await self.deadlines.flush()

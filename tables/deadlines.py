@@ -600,7 +600,9 @@ class Deadlines:
             name, key_type=bytes, value_type=bytes, partitions=partitions, default=None,
             extra_topic_configs=dict(CHANGELOG_TOPIC_CONFIGS),
         )
-        self.io = TableIO(app, self.table)  # writes by explicit partition; the kernel flushes it
+        # writes by explicit partition, in a RocksDB write batch per partition; the kernel commits
+        # and flushes it (commit before it awaits anything, so the timer never sees half a batch)
+        self.io = TableIO(app, self.table, batched=True)
         self.index = DueIndex(redeliver_after=redeliver_after, batch_size=batch_size, name=name)
 
         async def tick() -> None:  # Faust passes the app to timers that take an argument
@@ -646,8 +648,12 @@ class Deadlines:
         self.index.removed(partition, key)
         self._drop_legacy(partition, aggregate_id, deadline_ms)
 
+    def commit(self) -> None:
+        """Write this batch's pending schedules and cancels to the partition databases."""
+        self.io.commit()
+
     async def flush(self) -> None:
-        """Hand the changelog records of this batch's writes to the producer."""
+        """Commit, then hand the changelog records of this batch's writes to the producer."""
         self.io.persist_offsets()
         await self.io.flush()
 

@@ -459,6 +459,7 @@ class DeadlineRecorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, int, int | None]] = []
         self.flushes = 0
+        self.steps: list[str] = []  # commit / flush, in the order the kernel asked
 
     def schedule(self, aggregate_id: str, deadline_ms: int) -> None:
         self.calls.append(("schedule", aggregate_id, deadline_ms, _bound_partition()))
@@ -466,8 +467,12 @@ class DeadlineRecorder:
     def cancel(self, aggregate_id: str, deadline_ms: int) -> None:
         self.calls.append(("cancel", aggregate_id, deadline_ms, _bound_partition()))
 
+    def commit(self) -> None:
+        self.steps.append("commit")
+
     async def flush(self) -> None:
         self.flushes += 1
+        self.steps.append("flush")
 
 
 @dataclass
@@ -584,6 +589,7 @@ async def test_table_reads_writes_and_deadlines_are_bound_to_the_keys_partition(
     assert rig.deadlines.calls == [("schedule", "u1", 5_000_000_000_000, 2),
                                    ("schedule", "u3", 6_000_000_000_000, 3)]
     assert faust.current_event() is None  # nothing stays bound after the batch
+    assert rig.deadlines.steps == ["commit", "flush"]  # the write batches before the first await
 
 
 async def test_a_row_change_causes_its_follow_records_once_per_key_per_batch() -> None:
