@@ -513,7 +513,8 @@ def _items(raw: Any, *, order_id: str | None) -> list[dict[str, Any]]:
             if name in item:
                 line[name] = item[name]
             elif has_default:
-                line[name] = copy.deepcopy(default)
+                line[name] = default if default is None or isinstance(default, str | int) \
+                    else copy.deepcopy(default)
             else:
                 raise InvalidCommand(f"{where} lacks {name}", order_id=order_id, field="items")
         if isinstance(line.get("quantity"), bool) or isinstance(line.get("unit_amount"), bool):
@@ -1263,7 +1264,7 @@ def create(order: Order | None, command: Mapping[str, Any], now_ms: int, default
         order_type=created.order_type,
         total_amount=created.total_amount,
         currency=created.currency,
-        items=copy.deepcopy(created.items),
+        items=[dict(item) for item in created.items],  # checked flat maps (_items): a copy each
         subscription_id=created.subscription_id,
         expires_at=created.payment_deadline_ms,
         payment_method=created.payment_method,
