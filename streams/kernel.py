@@ -106,7 +106,7 @@ from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
 from streams.dispatch import Decoder, UnknownEventType, dead_letter_headers, raw_source
 from streams.envelope import new_event
 from streams.routing import ReplyBook
-from streams.table_io import TableIO, bound_to, json_bytes
+from streams.table_io import TableIO, bound_to, json_bytes, json_value
 from tables import aggregate
 from tables.aggregate import Call, DeadlineEffect, Decision, Flow, Outcome, Refusal, Step
 from tables.deadlines import Deadlines, now_ms
@@ -130,6 +130,10 @@ class CallRefused(Exception):
         super().__init__(message)
         self.code = code
 
+
+#: Decoded rows a flow that shares rows keeps per aggregate (see
+#: ``Aggregate._load``); forgotten all at once when full.  A row is a few KiB.
+DECODED_ROWS_KEPT = 4096
 
 #: Errors after which the same batch may well go through if tried again.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -254,6 +258,8 @@ class Aggregate:
         self.table = app.Table(flow.name, key_type=bytes, value_type=None,
                                partitions=catalog.EVENT_PARTITIONS, default=None)
         self.rows = TableIO(app, self.table, batched=True)  # a RocksDB write batch per partition
+        #: key -> (stored bytes, the row decoded from them), for flows that share rows (_load)
+        self._decoded: dict[bytes, tuple[bytes, Any]] = {}
         self.names = {app.settings.topic(name): name for name in flow.topics}
         self.decoder = Decoder(app, self.names)
         #: The field that identifies an input record: an event's ``event_id``,
@@ -409,10 +415,37 @@ class Aggregate:
     def _slot(self, plan: Plan, record: Inbound) -> Slot:
         slot = plan.slots.get(record.key)
         if slot is None:
-            stored = self.rows.get(record.event, record.key)
-            row = self.flow.load(stored) if stored is not None else None
+            row = self._load(record.event, record.key)
             slot = plan.slots[record.key] = Slot(record.event, row, row)
         return slot
+
+    def _load(self, event: EventT, key: bytes) -> Any:
+        """The stored row of ``key`` in ``event``'s partition, decoded (None: none).
+
+        A flow whose decisions never change a row in place (``shares_rows``)
+        gets the row object decoded from the same stored bytes before (or the
+        one written as them), if it is still remembered: the bytes are read
+        from the store every time and compared, so a row changed by anything
+        else (a rebalance, a changelog replay) is decoded anew.  At most
+        :data:`DECODED_ROWS_KEPT` rows are remembered per flow.
+        """
+        if not (self.flow.shares_rows and self.rows.stores_bytes):
+            stored = self.rows.get(event, key)
+            return self.flow.load(stored) if stored is not None else None
+        raw = self.rows.get_bytes(event, key)
+        if raw is None:
+            return None
+        known = self._decoded.get(key)
+        if known is not None and known[0] == raw:
+            return known[1]
+        row = self.flow.load(json_value(raw))
+        self._remember(key, raw, row)
+        return row
+
+    def _remember(self, key: bytes, raw: bytes, row: Any) -> None:
+        if len(self._decoded) >= DECODED_ROWS_KEPT:
+            self._decoded.clear()
+        self._decoded[key] = (raw, row)
 
     async def _decide(self, inbound: list[Inbound], now: int) -> Plan:
         plan = Plan()
@@ -569,7 +602,12 @@ class Aggregate:
             if not (slot.changed or relog or stale or schedule):
                 continue
             if slot.changed or relog:
-                self.rows.put(slot.event, key, self.flow.dump(slot.row))
+                if self.flow.shares_rows and self.rows.stores_bytes:
+                    raw = json_bytes(self.flow.dump(slot.row))
+                    self.rows.put_bytes(slot.event, key, raw)
+                    self._remember(key, raw, slot.row)
+                else:
+                    self.rows.put(slot.event, key, self.flow.dump(slot.row))
             if self.deadlines is not None:
                 with bound_to(slot.event):
                     aggregate_id = key.decode()

@@ -126,6 +126,15 @@ class TableIO:
         raw = self._read(store, event.message.partition, key)
         return None if raw is None else json_value(raw)
 
+    def get_bytes(self, event: EventT, key: bytes) -> bytes | None:
+        """The stored bytes of ``key`` in ``event``'s partition (None: none); only with a RocksDB store."""
+        return self._read(self._store, event.message.partition, key)
+
+    @property
+    def stores_bytes(self) -> bool:
+        """Whether values are stored as JSON bytes (a RocksDB store; not ``memory://``)."""
+        return self._store is not None
+
     def contains(self, event: EventT, key: bytes) -> bool:
         store = self._store
         if store is None:

@@ -215,7 +215,11 @@ class Flow:
     - ``deadline_of``: the deadline a row has pending (None: none);
     - ``follow``: internal records a row change causes, computed once per
       batch from the row before the batch and after it (index updates);
-    - ``view``: what a waiting requester is answered with.
+    - ``view``: what a waiting requester is answered with;
+    - ``shares_rows``: its decisions never change a row they are given (they
+      return new rows), so the kernel may hand one loaded row object to
+      several batches, decoding a stored value once (see
+      :meth:`streams.kernel.Aggregate._load`).
     """
 
     name: str
@@ -228,6 +232,7 @@ class Flow:
     deadline_of: Callable[[Any], int | None] | None = None
     follow: Callable[[Any, Any], Sequence[Send]] | None = None
     view: Callable[[Any], Any] = field(default=lambda row: row)
+    shares_rows: bool = False
 
     def __post_init__(self) -> None:
         inputs = [step.input for step in self.steps]

@@ -193,6 +193,7 @@ def _index_flow(name: str, key_field: str, index_topic: str, steps: tuple[Step, 
         steps=(Step(index_topic, "merge_index_update", merge), *steps),
         load=load,
         dump=dump,
+        shares_rows=True,  # merge and the fan-out handlers return new rows
     )
 
 

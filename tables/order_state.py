@@ -1417,4 +1417,5 @@ def order_flow(default_window_ms: int) -> aggregate.Flow:
         deadline_of=deadline_of,
         follow=index_updates,
         view=order_view,
+        shares_rows=True,  # decisions work on copies (_evolve); the tests check it
     )

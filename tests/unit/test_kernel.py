@@ -1368,3 +1368,69 @@ async def test_an_index_marks_an_inbound_event_applied_only_once_its_commands_ar
 
     await kernel.process([record(credit_event.message.topic, b"usr-1", credit_event.value)])  # redelivery
     assert len(app.acked(ORDER_COMMANDS)) == 1
+
+
+# --------------------------------------------------------------------------
+# Rows decoded once per stored value (flows that share rows), on a real RocksDB store
+
+
+def _rocksdb_rows(kernel: Aggregate, root: Any) -> Any:
+    """Point ``kernel``'s rows at rocksdict databases (one per partition), as Faust's RocksDB store has."""
+    import rocksdict
+
+    from streams.table_io import TableIO
+
+    class Store:
+        def __init__(self) -> None:
+            self.dbs: dict[int, Any] = {}
+            self._key_index: dict[bytes, int] = {}
+
+        def _db_for_partition(self, partition: int) -> Any:
+            if partition not in self.dbs:
+                self.dbs[partition] = rocksdict.Rdict(str(root / f"p{partition}"),
+                                                      rocksdict.Options(raw_mode=True))
+            return self.dbs[partition]
+
+        def set_persisted_offset(self, tp: Any, offset: int) -> None:
+            self.persisted = (tp, offset)
+
+    class Producer:
+        async def send(self, *_record: Any) -> asyncio.Future[Any]:
+            done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            done.set_result(type("Meta", (), {"offset": 0})())
+            return done
+
+    store = Store()
+    table = type("Table", (), {"data": store, "changelog_topic": type(
+        "Topic", (), {"get_topic_name": staticmethod(lambda: "counters-changelog")})})()
+    kernel.rows = TableIO(type("App", (), {"producer": Producer()})(), table, batched=True)
+    return store
+
+
+@pytest.mark.parametrize("shares_rows", [True, False])
+async def test_a_shared_row_is_decoded_once_per_stored_value(tmp_path: Any, shares_rows: bool) -> None:
+    loads: list[Any] = []
+
+    def load(stored: Any) -> Any:
+        loads.append(stored)
+        return copy.deepcopy(stored)
+
+    app = FakeApp()
+    flow = dataclasses.replace(counter_flow(), load=load, shares_rows=shares_rows)
+    kernel = Aggregate(app, flow, agent_name="counter_events", max_backoff=0.0)
+    store = _rocksdb_rows(kernel, tmp_path)
+    try:
+        await kernel.process([command("add", "u1", partition=2, amount=1)])
+        await kernel.process([command("add", "u1", partition=2, amount=2)])
+        # the row as written by the first batch was handed to the second without decoding it
+        assert len(loads) == (0 if shares_rows else 1)
+        stored = json.loads(store.dbs[2][b"u1"])
+        assert stored["count"] == 3
+        # something else changes the stored value (a changelog replay): it is decoded anew
+        store.dbs[2][b"u1"] = json.dumps({**stored, "count": 10}).encode()
+        await kernel.process([command("add", "u1", partition=2, amount=1)])
+        assert loads[-1]["count"] == 10
+        assert json.loads(store.dbs[2][b"u1"])["count"] == 11
+    finally:
+        for db in store.dbs.values():
+            db.close()
