@@ -36,6 +36,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "STRIPE_TIMEOUT_SECONDS": ("stripe_timeout_seconds", "20"),
     "INGRESS_MAX_BODY_BYTES": ("ingress_max_body_bytes", "524288"),
     "ORDER_PAYMENT_WINDOW_SECONDS": ("order_payment_window_seconds", "1800"),
+    "INVOICE_OVERDUE_DAYS": ("invoice_overdue_days", "1,7,30"),
     "ACCOUNT_SERVICE_URL": ("account_service_url", "http://localhost:8101"),
     "WALLET_SERVICE_URL": ("wallet_service_url", "http://localhost:8102"),
     "BILLING_SERVICE_URL": ("billing_service_url", "http://localhost:8103"),
@@ -90,6 +91,9 @@ class Settings:
     #: Largest webhook body the ingress reads (413 above it).
     ingress_max_body_bytes: int
     order_payment_window_seconds: float
+    #: Days after an open invoice's due date on which invoice.overdue is
+    #: published, comma-separated whole days >= 0 (:attr:`overdue_days`).
+    invoice_overdue_days: str
     account_service_url: str
     wallet_service_url: str
     billing_service_url: str
@@ -115,6 +119,7 @@ class Settings:
             raise ValueError(
                 f"PAYSTREAM_BATCH_MAX={self.batch_max} must be >= 1 and "
                 f"PAYSTREAM_BATCH_WITHIN_MS={self.batch_within_ms:g} >= 0")
+        self.overdue_days  # noqa: B018 - refuses a malformed INVOICE_OVERDUE_DAYS at start
         if self.rocksdb_memory_mb < 8:
             raise ValueError(
                 f"PAYSTREAM_ROCKSDB_MEMORY_MB={self.rocksdb_memory_mb} is too small (minimum 8)")
@@ -162,6 +167,18 @@ class Settings:
         once, without waiting for its old session to expire.
         """
         return self.instance_id or f"{socket.gethostname()}-{self.worker_web_port}"
+
+    @property
+    def overdue_days(self) -> tuple[int, ...]:
+        """The days of ``INVOICE_OVERDUE_DAYS``, sorted, each once (ValueError if malformed)."""
+        try:
+            days = sorted({int(d) for d in self.invoice_overdue_days.split(",") if d.strip()})
+        except ValueError:
+            days = []
+        if not days or days[0] < 0:
+            raise ValueError(f"INVOICE_OVERDUE_DAYS={self.invoice_overdue_days!r} must be whole days "
+                             ">= 0 separated by commas, e.g. 1,7,30")
+        return tuple(days)
 
     @property
     def domain_names(self) -> tuple[str, ...]:
