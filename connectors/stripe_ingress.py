@@ -13,11 +13,13 @@
    signed with a secret no longer configured);
 3. reads the event with :func:`tables.stripe_events.parse_event` (400
    ``not_a_stripe_event``: not UTF-8 JSON, an array, a string, an object
-   that is not an event); an event type the payment service does not
-   consume is answered 200 ``{"ignored": true}``, counted and not stored;
+   that is not an event); an event type paystream does not consume
+   (:data:`tables.stripe_events.CONSUMED_TYPES`: payments, refunds,
+   subscriptions, invoices) is answered 200 ``{"ignored": true}``, counted
+   and not stored;
 4. produces the body **verbatim** (the bytes that were signed) to the
    ``stripe.events`` topic, keyed by :func:`tables.stripe_events.event_key`
-   (the PaymentIntent), with headers ``stripe.event_id``, ``stripe.type``,
+   (the PaymentIntent, the subscription or the invoice), with headers ``stripe.event_id``, ``stripe.type``,
    ``stripe.api_version``, ``stripe.account`` (absent ones omitted), and
    answers 200 ``{"received": true}`` only after Kafka acknowledged it
    (idempotent producer, ``acks=all``).  No acknowledgement within
@@ -28,7 +30,8 @@
 At least once, not exactly once: a record whose acknowledgement was lost
 (the broker wrote it but the 503 went out) is stored again when Stripe
 retries, and Stripe itself may send an event twice.  Both are answered 200
-and stored twice; the payment agent dedupes on the Stripe event id.
+and stored twice; the agent reading ``stripe.events`` dedupes on the Stripe
+event id.
 
 A SIGKILL at the one await between reading a webhook and answering it
 (the acknowledgement, step 4): Stripe gets no 2xx and delivers the event

@@ -146,6 +146,40 @@ async def test_every_event_of_one_payment_lands_in_one_partition_with_its_accoun
     assert all("stripe.account" not in headers_of(r) for r in stored if r is not canceled)
 
 
+@pytest.mark.parametrize(("name", "event_type", "key"), [
+    ("customer_subscription_updated", "customer.subscription.updated", "sub_1QfZ2aLkdIwHu7ixq3mC8Ndv"),
+    ("invoice_payment_failed", "invoice.payment_failed", "in_1QhC2zLkdIwHu7ixRnw2Fail"),
+])
+async def test_a_signed_subscription_or_invoice_event_is_stored_keyed_by_its_object(
+        ingress: InProcessIngress, name: str, event_type: str, key: str) -> None:
+    body = fixture_bytes(name)
+    answer = await ingress.post(body, signature(body, SECRET))
+    assert (answer.status, answer.json()) == (200, {"received": True})
+    [record] = await records(ingress)
+    assert record.value == body and record.key == key.encode()
+    event = json.loads(body)
+    assert event["type"] == event_type
+    assert record.headers == (
+        ("stripe.event_id", event["id"].encode()),
+        ("stripe.type", event_type.encode()),
+        ("stripe.api_version", b"2024-06-20"),
+    )
+    assert (await ingress.metrics())["paystream_ingress_webhooks_accepted_total"] == 1
+
+
+async def test_every_event_of_one_subscription_lands_in_one_partition(ingress: InProcessIngress) -> None:
+    sub = "sub_1QfZ2aLkdIwHu7ixq3mC8Ndv"
+    bodies = []
+    for event_type in ("customer.subscription.created", "customer.subscription.updated",
+                       "customer.subscription.paused", "customer.subscription.deleted"):
+        bodies.append(event_bytes("customer_subscription_updated", type=event_type,
+                                  id=f"evt_test{os.urandom(8).hex()}"))
+        assert (await ingress.post(bodies[-1], signature(bodies[-1], SECRET))).status == 200, event_type
+    stored = await records(ingress)
+    assert [r.value for r in stored] == bodies  # in the order accepted
+    assert {r.key for r in stored} == {sub.encode()} and len({r.partition for r in stored}) == 1
+
+
 async def test_a_duplicate_event_id_is_stored_twice_for_the_stream_processor_to_dedupe(
         ingress: InProcessIngress) -> None:
     """Stripe delivers at least once; the ingress does not dedupe (it keeps no state).
