@@ -23,7 +23,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SCHEMA_REGISTRY_TOPIC": ("registry_topic", "_schemas"),
     "PAYSTREAM_APP_ID": ("app_id", "paystream"),
     "PAYSTREAM_TOPIC_PREFIX": ("topic_prefix", ""),
-    "PAYSTREAM_DOMAINS": ("domains", "orders,payments"),
+    "PAYSTREAM_DOMAINS": ("domains", "orders,payments,subscriptions"),
     "PAYSTREAM_STATE_DIR": ("state_dir", ".paystream"),
     "WORKER_WEB_HOST": ("worker_web_host", "127.0.0.1"),
     "WORKER_WEB_PORT": ("worker_web_port", "6066"),
