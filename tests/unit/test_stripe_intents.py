@@ -297,7 +297,7 @@ def test_the_2025_shapes_are_forwarded_with_their_views() -> None:
 
 
 @pytest.mark.parametrize("name", ["customer.subscription.created", "customer.subscription.deleted",
-                                  "invoice.created", "invoice.payment_succeeded"])
+                                  "invoice.created", "invoice.payment_succeeded", "invoice.payment_failed"])
 def test_localstripes_webhooks_are_forwarded(name: str) -> None:
     event = json.loads((FIXTURES / "localstripe" / f"{name}.json").read_bytes())
     decision = decide(None, event)

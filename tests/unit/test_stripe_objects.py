@@ -96,9 +96,11 @@ def test_subscription_as_localstripe_sends_it() -> None:
     assert "price" not in created["items"]["data"][0] and "currency" not in created
     assert view["subscription_id"] == created["id"] and view["subscription_id"].startswith("sub_")
     assert view["customer_id"] == created["customer"]
-    assert (view["plan_id"], view["quantity"]) == ("plan_pro_m", 2)
-    assert (view["amount"], view["currency"]) == (1998, "EUR")
-    assert view["status"] == "active" and view["user_id"] == "usr_1"
+    plan = created["items"]["data"][0]["plan"]
+    assert (view["plan_id"], view["quantity"]) == ("plan_webhooks_monthly", 1)
+    assert (plan["id"], created["quantity"]) == ("plan_webhooks_monthly", 1)
+    assert (view["amount"], view["currency"]) == (1500, "EUR")
+    assert view["status"] == "active" and view["user_id"] == created["metadata"]["user_id"]
     assert view["current_period_start"] == created["current_period_start"] * 1000
     assert view["current_period_end"] == created["current_period_end"] * 1000
     assert view["latest_invoice_id"] == created["latest_invoice"]
@@ -248,18 +250,29 @@ def test_invoice_as_localstripe_sends_it() -> None:
     assert view["subscription_id"] == created["subscription"]
     # localstripe has no amount_remaining: amount_due - amount_paid.
     assert "amount_remaining" not in created
-    assert (view["amount_due"], view["amount_paid"], view["amount_remaining"]) == (1998, 0, 1998)
+    assert (view["amount_due"], view["amount_paid"], view["amount_remaining"]) == (1500, 0, 1500)
     assert view["user_id"] is None  # localstripe's parent has no subscription metadata
     assert view["due_date"] is None and view["created"] == created["created"] * 1000
 
     paid_object = localstripe("invoice.payment_succeeded")
     paid = invoice_view(paid_object)
-    assert (paid["status"], paid["amount_paid"], paid["amount_remaining"]) == ("paid", 1998, 0)
+    assert (paid["status"], paid["amount_paid"], paid["amount_remaining"]) == ("paid", 1500, 0)
     assert paid["payment_intent_id"] == paid_object["payment_intent"]
     # localstripe inlines the whole charge: its id is taken.
     assert paid["charge_id"] == paid_object["charge"]["id"] and paid["charge_id"].startswith("ch_")
     assert paid["period_end"] == paid_object["period_end"] * 1000
     assert paid["next_payment_attempt"] is None
+
+
+def test_a_failed_invoice_as_localstripe_sends_it() -> None:
+    failed_object = localstripe("invoice.payment_failed")
+    failed = invoice_view(failed_object)
+    assert (failed["status"], failed["amount_paid"], failed["amount_remaining"]) == ("open", 0, 1500)
+    assert failed["attempt_count"] == 1
+    assert failed["next_payment_attempt"] == failed_object["next_payment_attempt"] * 1000
+    assert failed["subscription_id"] == failed_object["subscription"]
+    assert failed["payment_intent_id"] == failed_object["payment_intent"]
+    assert failed["charge_id"] == failed_object["charge"]["id"]
 
 
 @pytest.mark.parametrize(("change", "message"), [
