@@ -502,7 +502,8 @@ class StripeGateway:
         (``charge_automatically``, key ``:pay``; a decline leaves it
         ``open``, answered as such, with ``invoice.payment_failed`` to
         follow) or, with ``days_until_due``, sent to the customer
-        (``send_invoice``; it is ``open`` with a ``due_date``).
+        (``send_invoice``; it is ``open`` with a ``due_date``).  An invoice
+        with nothing due is ``paid`` at finalization and is not charged.
 
         A stand-in (localstripe 1.15.10) differs: it can invoice only a
         customer with an active subscription, and then bills the
@@ -511,7 +512,9 @@ class StripeGateway:
         has no finalize and no ``send_invoice`` (so no ``due_date``:
         ``days_until_due`` is not sent); its ``pay`` finalizes and charges in
         one request, and a decline there leaves the invoice ``open`` without
-        an error.
+        an error.  A customer without a default payment method: the charge is
+        refused (localstripe answers 404) and so is the call; the invoice
+        stays a draft (Stripe's would stay ``open``).
         """
         params: dict[str, Any] = {"customer": str(_required(args, "customer_id")),
                                   "metadata": _metadata(args.get("metadata"))}
@@ -531,7 +534,7 @@ class StripeGateway:
         if not self.options.stand_in:
             invoice = await self._run("create_invoice", key, invoices.finalize_invoice_async(
                 invoice.id, None, {"idempotency_key": f"{key}:finalize"}))
-            if days is not None:
+            if days is not None or _field(invoice, "status") != "open":  # sent, or nothing due
                 return invoice_view(_as_dict(invoice))
         try:
             invoice = await self._run("create_invoice", key, invoices.pay_async(

@@ -56,6 +56,7 @@ class Recorder:
 
     requests: list[Recorded] = field(default_factory=list)
     decline_pay: bool = False
+    finalized_status: str = "open"
 
     def calls(self) -> list[tuple[str, str]]:
         return [(r.method, r.path) for r in self.requests]
@@ -86,7 +87,7 @@ def app_for(recorder: Recorder) -> web.Application:
                 invoice("paid", id="in_new", created=1764230400),
             ]})
         if path == f"/v1/invoices/{INVOICE_ID}/finalize":
-            return web.json_response(invoice("open", due_date=1766822400))
+            return web.json_response(invoice(recorder.finalized_status, due_date=1766822400))
         if path == f"/v1/invoices/{INVOICE_ID}/pay":
             if recorder.decline_pay:
                 return web.json_response({"error": {
@@ -179,6 +180,13 @@ async def test_a_declined_invoice_payment_is_answered_with_the_open_invoice(
     view = await gateway.call(Call("stripe", "create_invoice", {"customer_id": "cus_1"}, "key-5"))
     assert (view["status"], view["attempt_count"], view["amount_paid"]) == ("open", 1, 0)
     assert recorder.calls()[-1] == ("GET", f"/v1/invoices/{INVOICE_ID}")
+
+
+async def test_an_invoice_with_nothing_due_is_not_charged(gateway: StripeGateway, recorder: Recorder) -> None:
+    recorder.finalized_status = "paid"  # Stripe marks a 0.00 invoice paid when it finalizes it
+    view = await gateway.call(Call("stripe", "create_invoice", {"customer_id": "cus_1"}, "key-9"))
+    assert view["status"] == "paid"
+    assert recorder.calls() == [("POST", "/v1/invoices"), ("POST", f"/v1/invoices/{INVOICE_ID}/finalize")]
 
 
 async def test_invoice_reads_expand_the_payments(gateway: StripeGateway, recorder: Recorder) -> None:
