@@ -3,8 +3,12 @@
 The webhook ingress (``connectors.stripe_ingress``) stores every Stripe event
 it accepts byte for byte on ``stripe.events``; the payment agent reads them
 back and turns them into facts about one PaymentIntent with this module.
-Nothing here touches Kafka, aiohttp or the network, so every rule is
-unit-tested against Stripe's payload shapes (``tests/fixtures/stripe``).
+Subscription and invoice events (:data:`SUBSCRIPTION_TYPES`,
+:data:`INVOICE_TYPES`) are consumed too: this module keys them by their
+object and reads their envelope; their objects are read by
+:mod:`tables.stripe_objects`.  Nothing here touches Kafka, aiohttp or the
+network, so every rule is unit-tested against Stripe's payload shapes
+(``tests/fixtures/stripe``).
 
 Payload shapes are those of Stripe's API versions 2024 and later (the
 ``stripe`` package's resource classes and Stripe's API reference), and older
