@@ -118,6 +118,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency", "rounds")
                   if getattr(args, name) is not None}
         return run_ingress(settings, IngressOptions(**{**(INGRESS_QUICK if args.quick else {}), **picked}))
+    if args.target == "invoices":
+        from streams.devtools.bench.invoices import QUICK as INVOICES_QUICK
+        from streams.devtools.bench.invoices import InvoicesOptions, run_invoices
+
+        picked = {name: value for name, value in (("count", args.count), ("span", args.burst_span))
+                  if value is not None}
+        return run_invoices(settings, InvoicesOptions(**{**(INVOICES_QUICK if args.quick else {}), **picked}))
     if args.target == "payments":
         from streams.devtools.bench.payments import QUICK as PAYMENTS_QUICK
         from streams.devtools.bench.payments import PaymentsOptions, run_payments
@@ -194,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
                     "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
                     "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
-    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients"])
-    bench.add_argument("-n", "--count", type=int, default=None, help="codec: records (default 100000)")
+    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients", "invoices"])
+    bench.add_argument("-n", "--count", type=int, default=None,
+                       help="codec: records (default 100000); invoices: pending invoices (default 100000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
                        help="orders: parts to run, by name or number (default: all four)")
     bench.add_argument("--quick", action="store_true",
@@ -207,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lifecycle: client of the raw loops (default aiokafka, the worker's client)")
     bench.add_argument("--burst", type=int, help="deadlines: deadlines due together (default 10000)")
     bench.add_argument("--burst-span", type=float,
-                       help="deadlines: seconds the burst falls due in (default 5)")
+                       help="deadlines: seconds the burst falls due in (default 5); invoices: seconds "
+                            "their overdue notices fall due in (default 60)")
     bench.add_argument("--deadlines", type=int,
                        help="deadlines: pending deadlines of the spread run (default 100000)")
     bench.add_argument("--deadline-span", type=float,
