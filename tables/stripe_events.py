@@ -71,6 +71,7 @@ PAYMENT_TYPES: frozenset[str] = frozenset({
 
 #: Event types whose ``data.object`` is a Subscription: the subscription
 #: domain reads them (``tables.stripe_objects.subscription_view``).
+#: localstripe 1.15.10 sends only ``.created`` and ``.deleted`` of these.
 SUBSCRIPTION_TYPES: frozenset[str] = frozenset({
     "customer.subscription.created",
     "customer.subscription.updated",
@@ -81,7 +82,9 @@ SUBSCRIPTION_TYPES: frozenset[str] = frozenset({
 })
 
 #: Event types whose ``data.object`` is an Invoice: the invoice domain reads
-#: them (``tables.stripe_objects.invoice_view``).
+#: them (``tables.stripe_objects.invoice_view``).  localstripe 1.15.10 sends
+#: only ``.created``, ``.payment_succeeded`` and (for a payment failing
+#: later, e.g. a SEPA debit) ``.payment_failed`` of these.
 INVOICE_TYPES: frozenset[str] = frozenset({
     "invoice.created",
     "invoice.finalized",
