@@ -903,7 +903,10 @@ def invoice_overage(row: Subscription | None, command: Mapping[str, Any], now_ms
     if not outcome.ok:
         raise Conflict(f"Stripe refused the overage invoice of {row.subscription_id}: "
                        f"{outcome.refused}")
-    invoice = outcome.value
+    # What the subscription knows and Stripe's answer may lack (localstripe keeps
+    # no invoice metadata): whose invoice it is.
+    invoice = {**outcome.value, "user_id": outcome.value.get("user_id") or row.user_id,
+               "subscription_id": outcome.value.get("subscription_id") or row.subscription_id}
     invoice_id = _text(invoice, "invoice_id")
     overages = {**row.overages, usage_id: {**row.overages[usage_id], "invoice_id": invoice_id}}
     record = aggregate.command("open", "invoice_id", invoice_id, cause={"event_id": usage_id},

@@ -39,7 +39,7 @@ from tests.integration.payment_support import (
     PaymentStack,
     running_stack,
 )
-from tests.integration.pipeline_support import EventReader, drain, group_lag
+from tests.integration.pipeline_support import EventReader, drain, group_lag, wait_until
 
 #: What localstripe sends about subscriptions and their invoices.
 SUBSCRIPTION_WEBHOOKS = ("customer.subscription.created", "customer.subscription.deleted",
@@ -85,6 +85,18 @@ class SubscriptionStack:
         answer = await self.api.get(f"/subscriptions/{subscription_id}")
         assert answer.status_code == 200, answer.text
         return dict(answer.json())
+
+    async def wait_indexed(self, user_id: str, *subscription_ids: str, timeout: float = 30.0) -> None:
+        """Until GET /users/{user_id}/subscriptions lists exactly ``subscription_ids``.
+
+        A user fan-out (user.deleted, user.upgraded, wallet.insufficient_funds)
+        reaches the subscriptions its index knows when it is decided.
+        """
+        async def listed() -> bool:
+            answer = (await self.api.get(f"/users/{user_id}/subscriptions")).json()
+            return sorted(s["subscription_id"] for s in answer["subscriptions"]) == sorted(subscription_ids)
+
+        await wait_until(listed, timeout=timeout, what=f"{subscription_ids} in {user_id}'s index")
 
     async def events_of(self, topic: str, count: int = 1, timeout: float = 45.0,
                         **match: Any) -> list[dict[str, Any]]:

@@ -168,11 +168,7 @@ async def test_user_deleted_cancels_both_subscriptions_and_refunds_each_once_eve
     second = await subs.subscribed(buyer, "plan-pro")
     ids = {first["subscription_id"]: 999, second["subscription_id"]: 2999}
 
-    async def both_indexed() -> bool:
-        listed = (await subs.api.get(f"/users/{buyer}/subscriptions")).json()
-        return sorted(s["subscription_id"] for s in listed["subscriptions"]) == sorted(ids)
-
-    await wait_until(both_indexed, timeout=30.0, what="both subscriptions in the user index")
+    await subs.wait_indexed(buyer, *ids)
     writer = subs.stack.writer
     deleted = writer.send("user.deleted", {"user_id": buyer, "deleted_at": _now_ms(),
                                            "reason": "account closed"})
