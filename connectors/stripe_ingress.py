@@ -65,7 +65,7 @@ import stripe
 from aiohttp import web
 from confluent_kafka.admin import AdminClient
 
-from streams import catalog
+from streams import access, catalog, logs
 from streams.producer import EventProducer, ProduceError
 from streams.settings import Settings
 from tables.stripe_events import CONSUMED_TYPES, NotAStripeEvent, event_key, parse_event
@@ -326,7 +326,8 @@ def create_app(settings: Settings, *, producer: EventProducer | None = None,
     stops; pass ``producer`` to share one the caller owns (it is then not
     closed here).
     """
-    app = web.Application(middlewares=[_log_and_errors],
+    tokens = access.token_middleware(settings.service_token_list, public=access.ingress_is_public)
+    app = web.Application(middlewares=[_log_and_errors, tokens],
                           client_max_size=settings.ingress_max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = IngressMetrics()
@@ -349,7 +350,7 @@ def create_app(settings: Settings, *, producer: EventProducer | None = None,
 
 def run(settings: Settings) -> None:
     """Serve the ingress on ``INGRESS_HOST:INGRESS_PORT`` until SIGINT/SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
     if not settings.stripe_webhook_secrets:
         raise SystemExit("paystream ingress: STRIPE_WEBHOOK_SECRET is empty; no webhook could be verified")
     log.info("stripe webhook ingress on http://%s:%d%s -> topic %r at %s (%d signing secret(s))",

@@ -26,7 +26,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from mode import Service
 
-from streams import catalog, faust_patches
+from streams import access, catalog, faust_patches, logs
 from streams.admin import ensure_topics
 from streams.codec import REGISTRY_TRANSPORT_ERRORS, ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
@@ -226,12 +226,16 @@ def create_app(
         "broker_session_timeout": settings.session_timeout_seconds,
         "broker_heartbeat_interval": settings.heartbeat_interval_seconds,
         "logging_config": QUIET_LOGGING,
+        # Service tokens on every route but the probes and metrics (streams.access).
+        "web_application_options": {
+            "middlewares": [access.token_middleware(settings.service_token_list)]},
     }
     options.update(faust_options)
     app = PaystreamApp(settings.app_id, **options)
     app.settings = settings
     app.schema_cache = SchemaCache(SchemaRegistryClient(
-        {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS}))
+        {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS,
+         **access.registry_client_config(settings.service_token)}))
     app.event_topics = {
         name: app.topic(
             settings.topic(name),
@@ -271,8 +275,10 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     storage.limit_malloc_arenas()  # before any thread starts: keeps RSS near the budget
     worker_app = create_app(settings)
     verbose = logging.getLevelName(loglevel.upper()) == logging.DEBUG
-    worker = faust.Worker(worker_app, loglevel=loglevel,
-                          logging_config={"merge": True} if verbose else None)
+    # LOG_FORMAT and the secret filter (streams.logs); a JSON worker prints no banner.
+    logging_config = logs.faust_logging_config(settings, {"merge": True} if verbose else QUIET_LOGGING)
+    worker = faust.Worker(worker_app, loglevel=loglevel, logging_config=logging_config,
+                          quiet=settings.log_format == "json")
     worker.execute_from_commandline()
     return 0
 

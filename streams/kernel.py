@@ -99,7 +99,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
-from streams import catalog
+from streams import catalog, logs
 from streams.batch_source import BatchSource
 from streams.bulk_send import send_all
 from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
@@ -187,6 +187,12 @@ class Inbound:
     input_id: str  # event_id or command_id: the cause of everything it emits
     cause: dict[str, Any]
     answered: bool  # a requester waits for this record's verdict (API command)
+
+
+def _fields(record: Inbound) -> dict[str, Any]:
+    """The log fields of a decoded record (streams.logs): its id, correlation id and position."""
+    return logs.record_fields(record.event, event_id=record.input_id,
+                              correlation_id=record.cause.get("correlation_id"))
 
 
 @dataclass(slots=True)
@@ -305,7 +311,8 @@ class Aggregate:
                         raise
                     read = await self._retrying(lambda event=event: self._read(event))
             except Exception as exc:  # not transient, not a refusal: keep it for a human
-                log.exception("%s: reading %s failed", self.flow.name, event.message.topic)
+                log.exception("%s: reading %s failed", self.flow.name, event.message.topic,
+                              extra=logs.record_fields(event))
                 read = self._dead_letter(event, "failed", exc)
             if isinstance(read, Inbound):
                 inbound.append(read)
@@ -460,13 +467,15 @@ class Aggregate:
             records = self._encode(step, decision, record, now)
         except Refusal as refusal:
             if record.answered:  # the requester is (or was) told; its retry is decided again
-                log.info("%s: %s refused: %s", self.flow.name, record.input_id, refusal)
+                log.info("%s: %s refused: %s", self.flow.name, record.input_id, refusal,
+                         extra=_fields(record))
                 plan.verdicts.append((record.input_id, refusal))
             else:
                 plan.outgoing.append(self._dead_letter(record.event, refusal.dead_letter_reason, refusal))
             return []
         except Exception as exc:  # a bug in a decision, a row or a contract: keep the record
-            log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id)
+            log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id,
+                          extra=_fields(record))
             plan.outgoing.append(self._dead_letter(record.event, "failed", exc))
             if record.input_id in self.replies:
                 plan.verdicts.append((record.input_id, exc))
@@ -518,8 +527,9 @@ class Aggregate:
     def _dead_letter(self, event: EventT, reason: str, error: BaseException) -> Outgoing:
         message = event.message
         key = message.key if isinstance(message.key, bytes | None) else str(message.key).encode()
-        return Outgoing(self.dead_letter_topic, key, message.value,
-                        dead_letter_headers(event, reason, error))
+        with logs.about_record(event):  # the dead-letter line says which record
+            headers = dead_letter_headers(event, reason, error)
+        return Outgoing(self.dead_letter_topic, key, message.value, headers)
 
     def _follow(self, plan: Plan) -> None:
         """Records a row change causes (index updates), once per key per batch."""

@@ -7,6 +7,7 @@ docker-compose file can be checked against this single list.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass, field, fields
@@ -51,7 +52,16 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS": ("heartbeat_interval_seconds", "1"),
     "PAYSTREAM_BATCH_MAX": ("batch_max", "1000"),
     "PAYSTREAM_BATCH_WITHIN_MS": ("batch_within_ms", "10"),
+    # Access and logs (README: "Access tokens and logs").
+    "PAYSTREAM_SERVICE_TOKENS": ("service_tokens", ""),
+    "LOG_FORMAT": ("log_format", "text"),
+    "LOG_LEVEL": ("log_level", "info"),
+    # Operator tools (README: "Dead letters").
+    "PAYSTREAM_DLQ_REPLAY_LIMIT": ("dlq_replay_limit", "3"),
 }
+
+#: The values of ``LOG_FORMAT``.
+LOG_FORMATS = ("text", "json")
 
 #: The broker's default ``group.min.session.timeout.ms``: a shorter session is
 #: refused at JoinGroup, so it is refused here, where the message is clearer.
@@ -113,12 +123,28 @@ class Settings:
     #: before deciding a batch that is not full (streams.kernel).
     batch_max: int
     batch_within_ms: float
+    #: Bearer tokens the HTTP surfaces accept, comma-separated (streams.access);
+    #: empty: no token is asked for.  The first is the one this process sends.
+    service_tokens: str = field(repr=False)
+    #: ``text`` (one human line per record) or ``json`` (one JSON object per line).
+    log_format: str
+    #: Level of the ingress' and registry's logs (the worker takes ``--loglevel``).
+    log_level: str
+    #: ``paystream dlq replay`` refuses a dead letter already replayed this
+    #: many times, so a record that keeps failing cannot loop.
+    dlq_replay_limit: int
 
     def __post_init__(self) -> None:
         if self.batch_max < 1 or self.batch_within_ms < 0:
             raise ValueError(
                 f"PAYSTREAM_BATCH_MAX={self.batch_max} must be >= 1 and "
                 f"PAYSTREAM_BATCH_WITHIN_MS={self.batch_within_ms:g} >= 0")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"LOG_FORMAT={self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError(f"LOG_LEVEL={self.log_level!r} is not a logging level (debug, info, ...)")
+        if self.dlq_replay_limit < 1:
+            raise ValueError(f"PAYSTREAM_DLQ_REPLAY_LIMIT={self.dlq_replay_limit} must be >= 1")
         self.overdue_days  # noqa: B018 - refuses a malformed INVOICE_OVERDUE_DAYS at start
         if self.rocksdb_memory_mb < 8:
             raise ValueError(
@@ -189,6 +215,17 @@ class Settings:
     def stripe_webhook_secrets(self) -> tuple[str, ...]:
         """Every webhook signing secret in force (``STRIPE_WEBHOOK_SECRET``, comma-separated)."""
         return tuple(s.strip() for s in self.stripe_webhook_secret.split(",") if s.strip())
+
+    @property
+    def service_token_list(self) -> tuple[str, ...]:
+        """Every accepted service token (``PAYSTREAM_SERVICE_TOKENS``, comma-separated)."""
+        return tuple(t.strip() for t in self.service_tokens.split(",") if t.strip())
+
+    @property
+    def service_token(self) -> str | None:
+        """The token this process sends to other paystream services: the first one, or None."""
+        tokens = self.service_token_list
+        return tokens[0] if tokens else None
 
     @property
     def kafka_url(self) -> str:

@@ -17,6 +17,7 @@ from schemas.registry.http import REGISTRY, error_middleware
 from schemas.registry.routes import add_routes
 from schemas.registry.state import RegistryState
 from schemas.registry.store import KafkaStore
+from streams import access, logs
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,10 @@ def create_app(
         apply_timeout=apply_timeout,
         retry_interval=retry_interval,
     )
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    # Reads open, writes behind the service tokens (streams.access), checked first.
+    tokens = access.token_middleware(settings.service_token_list, public=access.registry_is_public,
+                                     refuse=access.registry_refusal)
+    app = web.Application(middlewares=[tokens, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = Registry(state, store)
     add_routes(app)
 
@@ -66,7 +70,7 @@ def create_app(
 
 def run(settings: Settings) -> None:
     """Serve the registry until interrupted (SIGINT/SIGTERM)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
     log.info(
         "schema registry on http://%s:%d, state in Kafka topic %r at %s",
         settings.registry_host, settings.registry_port, settings.registry_topic,
