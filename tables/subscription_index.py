@@ -332,12 +332,19 @@ def handle_user_upgraded(row: Row | None, event: Mapping[str, Any], now_ms: int)
 
 
 def handle_wallet_insufficient_funds(row: Row | None, event: Mapping[str, Any], now_ms: int) -> Decision:
-    """wallet.insufficient_funds: mark the user's subscriptions past due (not paused: see the docstring)."""
+    """wallet.insufficient_funds: mark the user's subscriptions past due (not paused: see the docstring).
+
+    The subscription the event names; an event about an order (``order_id``
+    and no subscription) is the order's business and marks none; one naming
+    neither marks every active or trialing subscription of the user.
+    """
     if _seen(row, event["event_id"]):
         return DUPLICATE
     named = event.get("subscription_id")
     if isinstance(named, str) and named:
         targets = [named]
+    elif event.get("order_id"):
+        targets = []
     else:
         targets = [s["subscription_id"] for s in subscriptions_of(row) if s.get("status") in MARKABLE]
     return _fan_out(row, event, "mark_past_due", targets, now_ms, user_id=event["user_id"],

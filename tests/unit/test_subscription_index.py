@@ -230,3 +230,5 @@ def test_wallet_insufficient_funds_marks_the_named_or_every_active_subscription(
     assert decision.send[0].value["args"]["occurred_at_ms"] == T0
     named, _ = run(row, event("wallet.insufficient_funds", subscription_id="sub_b", **common))
     assert [s.key for s in named.send] == ["sub_b"]
+    about_an_order, _ = run(row, event("wallet.insufficient_funds", order_id="ord-1", **common))
+    assert about_an_order.send == () and about_an_order.row is not None
