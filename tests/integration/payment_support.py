@@ -52,7 +52,7 @@ import pytest_asyncio
 from confluent_kafka.admin import AdminClient
 
 from connectors.stripe_gateway import StripeGateway
-from streams import catalog
+from streams import access, catalog
 from streams.admin import delete_topics, ensure_topics
 from streams.devtools.localstripe import LocalStripe
 from streams.devtools.worker_process import ROOT, settings_env
@@ -261,7 +261,8 @@ class PaymentStack:
         self.worker = WorkerProcess(settings_env(settings), settings.worker_web_port,
                                     state_dir / "worker-state", name="worker")
         self.ingress = IngressProcess(settings, state_dir / "ingress.log")
-        self.api = httpx.AsyncClient(base_url=self.worker.url, timeout=30.0)
+        self.api = httpx.AsyncClient(base_url=self.worker.url, timeout=30.0,
+                                     headers=access.authorization(settings.service_token))
         self.webhooks = httpx.AsyncClient(timeout=30.0)
         self.stripe_http = httpx.AsyncClient(base_url=localstripe.url, timeout=30.0,
                                              headers={"Authorization": f"Bearer {TEST_API_KEY}"})
