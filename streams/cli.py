@@ -41,7 +41,7 @@ def _schemas(args: argparse.Namespace, settings: Settings) -> int:
     from schemas import tooling
 
     if args.action == "register":
-        return tooling.register_all(settings.schema_registry_url)
+        return tooling.register_all(settings.schema_registry_url, settings.service_token)
     return tooling.check_all(settings.schema_registry_url)
 
 
