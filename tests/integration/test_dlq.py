@@ -62,7 +62,8 @@ async def test_list_show_replay_and_the_count_going_round(pipe: Pipeline) -> Non
     writer, topic = pipe.writer, pipe.settings.topic
     order = await pipe.create_order(f"u-{uuid.uuid4().hex[:8]}")
     order_id = order["order_id"]
-    writer.send_raw(topic("payment.completed"), order_id, b"\xde\xad\xbe\xef not avro", [("trace-id", b"t-9")])
+    writer.send_raw(topic("payment.completed"), order_id, b"\xde\xad\xbe\xef not avro",
+                    [("trace-id", b"t-9")])
     garbage = writer.last()
     first: DeadLetter = await pipe.dead_letters.wait_for(garbage)
     assert first.header("dlq.reason") == "undecodable"
