@@ -48,6 +48,18 @@ def _schemas(args: argparse.Namespace, settings: Settings) -> int:
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
     from streams import catalog
 
+    if args.action == "asyncapi":
+        from pathlib import Path
+
+        from schemas.asyncapi import document_for, render
+
+        text = render(document_for(settings))
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+            print(f"topics: AsyncAPI 3.0 document of {len(catalog.CATALOG)} topics written to {args.output}")
+        else:
+            print(text, end="")
+        return 0
     if args.action == "create":
         from streams.admin import ensure_topics
 
@@ -58,6 +70,63 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
         print(f"topics: created {len(created)}: {', '.join(sorted(created)) or '-'}")
         return 0
     catalog.print_topics(markdown=args.action == "markdown")
+    return 0
+
+
+def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import json
+
+    from streams.ops import dlq
+    from streams.ops.records import OpsError, json_default
+
+    try:
+        where = dlq.DeadLetterFilter(
+            source_topic=args.source_topic, reason=args.reason,
+            since_ms=dlq.parse_time(args.since) if args.since else None,
+            until_ms=dlq.parse_time(args.until) if args.until else None)
+        if args.action == "list":
+            found = dlq.list_dead_letters(settings, where, topic=args.topic, limit=args.limit)
+            if args.json:
+                print("\n".join(json.dumps(d.summary(), default=json_default) for d in found))
+            else:
+                print(dlq.format_table(found), end="")
+            return 0
+        positions = [dlq.parse_position(p) for p in args.positions]
+        if args.action == "show":
+            if len(positions) != 1:
+                raise OpsError("dlq show takes one PARTITION:OFFSET")
+            [(partition, offset)] = positions
+            shown = dlq.show_dead_letter(settings, partition, offset, topic=args.topic)
+            print(json.dumps(shown.asdict(), indent=2, ensure_ascii=False, default=json_default))
+            return 0
+        filtered = any(v is not None for v in (args.source_topic, args.reason, args.since, args.until))
+        if bool(positions) == (filtered or args.all):
+            raise OpsError("dlq replay takes PARTITION:OFFSET positions, or a filter (--source-topic, "
+                           "--reason, --since, --until) or --all, not both")
+        result = asyncio.run(dlq.replay(
+            settings, positions=positions or None, where=None if positions else where,
+            topic=args.topic, limit=args.replay_limit, dry_run=args.dry_run))
+        print(dlq.format_result(result, dry_run=args.dry_run), end="")
+        return 0
+    except OpsError as exc:
+        print(f"paystream dlq: {exc}", file=sys.stderr)
+        return 2
+
+
+def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.ops.records import OpsError
+    from streams.ops.tail import json_line, tail
+
+    try:
+        for record in tail(settings, args.topic, from_beginning=args.from_beginning, key=args.key,
+                           count=args.count, follow=args.follow):
+            print(json_line(record), flush=True)
+    except OpsError as exc:
+        print(f"paystream tail: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
     return 0
 
 
@@ -164,8 +233,41 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.set_defaults(handler=_schemas)
 
     topics = commands.add_parser("topics", help="list or create the catalog's topics")
-    topics.add_argument("action", choices=["list", "markdown", "create"], nargs="?", default="list")
+    topics.add_argument("action", choices=["list", "markdown", "create", "asyncapi"], nargs="?",
+                        default="list")
+    topics.add_argument("--output", "-o", help="asyncapi: write the AsyncAPI 3.0 document to this file "
+                                               "(default: standard output)")
     topics.set_defaults(handler=_topics)
+
+    dlq = commands.add_parser(
+        "dlq", help="dead letters: list (filters), show one decoded, replay to the source topic",
+        description="Positions are PARTITION:OFFSET of the dead-letter topic (see dlq list).")
+    dlq.add_argument("action", choices=["list", "show", "replay"])
+    dlq.add_argument("positions", nargs="*", metavar="PARTITION:OFFSET")
+    dlq.add_argument("--topic", help="the dead-letter topic (default: this deployment's)")
+    dlq.add_argument("--source-topic", help="only dead letters of this source topic (catalog or Kafka name)")
+    dlq.add_argument("--reason", help="only this dlq.reason (undecodable, rejected, failed, unavailable)")
+    dlq.add_argument("--since", help="dead-lettered at or after: ISO 8601, epoch ms, or an age (30m, 2h, 7d)")
+    dlq.add_argument("--until", help="dead-lettered at or before (same forms as --since)")
+    dlq.add_argument("--limit", type=int, help="list: the newest N only")
+    dlq.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    dlq.add_argument("--all", action="store_true", help="replay: every dead letter (still skipping those "
+                                                         "at the replay limit)")
+    dlq.add_argument("--replay-limit", type=int,
+                     help="replay: refuse records replayed this often (default PAYSTREAM_DLQ_REPLAY_LIMIT)")
+    dlq.add_argument("--dry-run", action="store_true", help="replay: check and show, produce nothing")
+    dlq.set_defaults(handler=_dlq)
+
+    tail_ = commands.add_parser("tail", help="a topic's records decoded through the registry, as JSON lines")
+    tail_.add_argument("topic", help="catalog name (the deployment's prefix is added) or Kafka topic name")
+    tail_.add_argument("--from-beginning", action="store_true", help="start at the first offset")
+    tail_.add_argument("--key", help="only records with this key")
+    tail_.add_argument("-n", "--count", type=int,
+                       help="from the end: the last N records first; --from-beginning: the first N, "
+                            "then stop")
+    tail_.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep printing new records (default); --no-follow stops at the current end")
+    tail_.set_defaults(handler=_tail)
 
     worker = commands.add_parser("worker", help="start a Faust worker with every agent")
     worker.add_argument("--loglevel", default="info")

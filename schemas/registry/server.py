@@ -12,9 +12,11 @@ import logging
 
 from aiohttp import web
 
+from schemas import asyncapi
 from schemas.registry.core import Registry
 from schemas.registry.http import REGISTRY, error_middleware
 from schemas.registry.routes import add_routes
+from schemas.registry.routes import asyncapi as asyncapi_route
 from schemas.registry.state import RegistryState
 from schemas.registry.store import KafkaStore
 from streams import access, logs
@@ -56,6 +58,7 @@ def create_app(
     app = web.Application(middlewares=[tokens, error_middleware], client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = Registry(state, store)
     add_routes(app)
+    asyncapi_route.install(app, asyncapi.document_for(settings))
 
     async def start_store(app: web.Application) -> None:
         await store.start()
