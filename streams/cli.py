@@ -187,6 +187,13 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency", "rounds")
                   if getattr(args, name) is not None}
         return run_ingress(settings, IngressOptions(**{**(INGRESS_QUICK if args.quick else {}), **picked}))
+    if args.target == "dlq":
+        from streams.devtools.bench.dlq import QUICK as DLQ_QUICK
+        from streams.devtools.bench.dlq import DlqOptions, run_dlq
+
+        picked = {name: value for name, value in (("count", args.count), ("rounds", args.rounds))
+                  if value is not None}
+        return run_dlq(settings, DlqOptions(**{**(DLQ_QUICK if args.quick else {}), **picked}))
     if args.target == "invoices":
         from streams.devtools.bench.invoices import QUICK as INVOICES_QUICK
         from streams.devtools.bench.invoices import InvoicesOptions, run_invoices
@@ -303,9 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
                     "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
                     "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
-    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients", "invoices"])
+    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients", "invoices",
+                                           "dlq"])
     bench.add_argument("-n", "--count", type=int, default=None,
-                       help="codec: records (default 100000); invoices: pending invoices (default 100000)")
+                       help="codec: records (default 100000); invoices: pending invoices (default 100000); "
+                            "dlq: dead letters replayed (default 10000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
                        help="orders: parts to run, by name or number (default: all four)")
     bench.add_argument("--quick", action="store_true",
@@ -332,7 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ingress: pairs of one bare and one ours phase, order alternating (default 4); "
                             "ingress also takes --duration (10), --warmup (3), --concurrency (64), --quick; "
                             "clients: --duration (5), --warmup (1), --concurrency (1), --rounds (3), "
-                            "--quick; payments: --duration (30), --warmup (10), --concurrency (200), --quick")
+                            "--quick; payments: --duration (30), --warmup (10), --concurrency (200), "
+                            "--quick; "
+                            "dlq: -n (10000), --rounds (2), --quick")
     bench.set_defaults(handler=_bench)
     return parser
 
