@@ -26,7 +26,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from mode import Service
 
-from streams import access, catalog, faust_patches, logs
+from streams import access, catalog, faust_patches, logs, metrics
 from streams.admin import ensure_topics
 from streams.codec import REGISTRY_TRANSPORT_ERRORS, ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
@@ -79,6 +79,7 @@ class PaystreamApp(faust.App):
     schema_cache: SchemaCache
     event_topics: dict[str, faust.TopicT]
     clients: Any  # connectors.clients.ServiceClients: the external services' clients
+    metrics: Any  # streams.metrics.WorkerMetrics, or None with PAYSTREAM_METRICS=off
 
     # Faust's service lines ("Starting...") under a faust logger, so the
     # quiet logging config silences them; our own lines use ``log``.
@@ -233,6 +234,7 @@ def create_app(
     options.update(faust_options)
     app = PaystreamApp(settings.app_id, **options)
     app.settings = settings
+    metrics.install_worker(app)  # before the agents: the kernel takes its hooks from it
     app.schema_cache = SchemaCache(SchemaRegistryClient(
         {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS,
          **access.registry_client_config(settings.service_token)}))

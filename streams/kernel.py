@@ -91,6 +91,7 @@ import asyncio
 import heapq
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
-from streams import catalog, logs
+from streams import catalog, logs, metrics
 from streams.batch_source import BatchSource
 from streams.bulk_send import send_all
 from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
@@ -270,6 +271,9 @@ class Aggregate:
         if deadlines is not None:
             self.fire_step = next(s for s in flow.steps if s.deadline is DeadlineEffect.FIRE)
             self.deadlines = Deadlines(app, deadlines, self.hand_over)
+        # Per-batch hooks (streams.metrics); None with PAYSTREAM_METRICS=off.
+        self.metrics = metrics.for_agent(app, agent_name, dead_letter_topic=self.dead_letter_topic,
+                                         deadlines=self.deadlines)
         app.agent(raw_source(app, list(self.names)), name=agent_name)(self._consume)
 
     # ------------------------------------------------------------------
@@ -298,6 +302,8 @@ class Aggregate:
     async def process(self, events: Sequence[EventT]) -> None:
         """Decide, publish, write and answer one batch (see the module docstring)."""
         now = now_ms()  # one time for the batch and its retries: a retry republishes the same records
+        if self.metrics is not None:
+            self.metrics.taken(events)
         events = in_time_order(events)
         inbound: list[Inbound] = []
         extra: list[Outgoing] = []
@@ -347,8 +353,10 @@ class Aggregate:
         tries = 0
         while True:
             try:
+                began = time.perf_counter()
                 plan = await self._decide(inbound, now)
                 plan.outgoing[:0] = extra
+                decided = time.perf_counter()
                 await self._publish(plan.outgoing)
                 break
             except asyncio.CancelledError:
@@ -359,9 +367,14 @@ class Aggregate:
                     return
                 tries += 1
                 await self._backoff(tries, exc)
+        acked = time.perf_counter()
         plan.verdicts[:0] = verdicts or []
         await self._write(plan)
+        written = time.perf_counter()
         self._answer(plan)
+        if self.metrics is not None:
+            self.metrics.done(plan.outgoing, plan.slots.values(), decided - began, acked - decided,
+                              written - acked)
 
     async def _isolate(self, inbound: list[Inbound], extra: list[Outgoing], now: int,
                        error: BaseException) -> None:
@@ -623,6 +636,8 @@ class Aggregate:
             value = json.dumps(record, separators=(",", ":")).encode()
             acks.append(await producer.send(topic, aggregate_id.encode(), value, None, None, None))
         await asyncio.gather(*acks)
+        if self.metrics is not None:
+            self.metrics.handed_over(due, now)
 
     def row(self, key: str) -> Any:
         """The stored row of ``key`` on this worker (None: none), for queries."""

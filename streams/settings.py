@@ -58,6 +58,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "LOG_LEVEL": ("log_level", "info"),
     # Operator tools (README: "Dead letters").
     "PAYSTREAM_DLQ_REPLAY_LIMIT": ("dlq_replay_limit", "3"),
+    # Prometheus metrics (streams.metrics): on, or off to run without them.
+    "PAYSTREAM_METRICS": ("metrics", "on"),
 }
 
 #: The values of ``LOG_FORMAT``.
@@ -133,6 +135,8 @@ class Settings:
     #: ``paystream dlq replay`` refuses a dead letter already replayed this
     #: many times, so a record that keeps failing cannot loop.
     dlq_replay_limit: int
+    #: ``on``: the kernel's metrics and the worker's ``/metrics``; ``off``: neither (streams.metrics).
+    metrics: str = "on"
 
     def __post_init__(self) -> None:
         if self.batch_max < 1 or self.batch_within_ms < 0:
@@ -143,6 +147,8 @@ class Settings:
             raise ValueError(f"LOG_FORMAT={self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError(f"LOG_LEVEL={self.log_level!r} is not a logging level (debug, info, ...)")
+        if self.metrics not in ("on", "off"):
+            raise ValueError(f"PAYSTREAM_METRICS={self.metrics!r} must be on or off")
         if self.dlq_replay_limit < 1:
             raise ValueError(f"PAYSTREAM_DLQ_REPLAY_LIMIT={self.dlq_replay_limit} must be >= 1")
         self.overdue_days  # noqa: B018 - refuses a malformed INVOICE_OVERDUE_DAYS at start
@@ -215,6 +221,11 @@ class Settings:
     def stripe_webhook_secrets(self) -> tuple[str, ...]:
         """Every webhook signing secret in force (``STRIPE_WEBHOOK_SECRET``, comma-separated)."""
         return tuple(s.strip() for s in self.stripe_webhook_secret.split(",") if s.strip())
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """Whether the worker keeps Prometheus metrics (``PAYSTREAM_METRICS=on``)."""
+        return self.metrics == "on"
 
     @property
     def service_token_list(self) -> tuple[str, ...]:
