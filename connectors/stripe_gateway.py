@@ -33,6 +33,7 @@ amounts; never the API key, a client secret or card details.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import stripe
 
+from streams import metrics
 from streams.kernel import CallRefused
 from streams.settings import Settings
 from tables.aggregate import Call
@@ -595,19 +597,28 @@ class StripeGateway:
     # ------------------------------------------------------------------
 
     async def _run(self, operation: str, key: str, request: Any) -> Any:
+        """Await one Stripe request; count it (``paystream_stripe_requests_total``) by outcome:
+        ok, refused (:class:`CallRefused`), unavailable, error (credentials)."""
+        began = time.perf_counter()
         try:
             result = await request
         except stripe.StripeError as error:
             translated = classify(error, operation)
             log.info("stripe %s key=%s -> %s (HTTP %s, code %s)", operation, key,
                      type(translated).__name__, error.http_status, getattr(translated, "code", None))
+            outcome = ("refused" if isinstance(translated, CallRefused) else
+                       "unavailable" if isinstance(translated, StripeUnavailable) else "error")
+            metrics.observe_stripe(operation, outcome, time.perf_counter() - began)
             raise translated from error
         except TimeoutError as error:  # a timeout while reading the body, after the request
             log.info("stripe %s key=%s -> timeout", operation, key)
+            metrics.observe_stripe(operation, "unavailable", time.perf_counter() - began)
             raise StripeUnavailable(f"Stripe {operation}: timed out") from error
         except aiohttp.ClientError as error:
             log.info("stripe %s key=%s -> %s", operation, key, type(error).__name__)
+            metrics.observe_stripe(operation, "unavailable", time.perf_counter() - began)
             raise StripeUnavailable(f"Stripe {operation}: {type(error).__name__}") from error
+        metrics.observe_stripe(operation, "ok", time.perf_counter() - began)
         log.debug("stripe %s key=%s -> %s %s", operation, key, _field(result, "id"), _field(result, "status"))
         return result
 
