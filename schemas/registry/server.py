@@ -20,6 +20,7 @@ from schemas.registry.routes import asyncapi as asyncapi_route
 from schemas.registry.state import RegistryState
 from schemas.registry.store import KafkaStore
 from streams import access, logs
+from streams.metrics import RegistryMetrics, metrics_response
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,16 @@ def create_app(
     # Reads open, writes behind the service tokens (streams.access), checked first.
     tokens = access.token_middleware(settings.service_token_list, public=access.registry_is_public,
                                      refuse=access.registry_refusal)
-    app = web.Application(middlewares=[tokens, error_middleware], client_max_size=MAX_BODY_BYTES)
+    # Every request counted by route pattern and status (streams.metrics), refusals included.
+    measured = RegistryMetrics()
+    app = web.Application(middlewares=[measured.middleware(), tokens, error_middleware],
+                          client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = Registry(state, store)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return metrics_response(measured.render())
+
+    app.router.add_get("/metrics", metrics_page)
     add_routes(app)
     asyncapi_route.install(app, asyncapi.document_for(settings))
 
