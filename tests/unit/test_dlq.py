@@ -213,3 +213,29 @@ def test_tail_names_catalog_topics_with_the_prefix() -> None:
     assert kafka_topic(s, "order.created") == f"{PREFIX}order.created"
     assert kafka_topic(s, catalog.DEAD_LETTERS) == DLQ
     assert kafka_topic(s, "some.other-topic") == "some.other-topic"
+
+
+def test_a_tail_line_is_one_json_object_with_where_when_and_the_decoded_value() -> None:
+    from confluent_kafka import Message
+
+    from streams.ops.tail import as_json, json_line
+
+    message = Message(topic=SOURCE, partition=3, offset=17, key=b"order-1", value=b'{"command":"cancel"}',
+                      headers=[("trace-id", b"t-1"), ("bin", b"\x00\x01")], timestamp=(1, 1_700_000_000_123))
+    record = as_json(message, ValueDecoder(_cache()))
+    assert record == {"topic": SOURCE, "partition": 3, "offset": 17, "timestamp": 1_700_000_000_123,
+                      "key": "order-1", "headers": {"trace-id": "t-1", "bin": "0x0001"},
+                      "format": "json", "value": {"command": "cancel"}}
+    line = json_line(record)
+    assert "\n" not in line and json.loads(line) == record
+    no_time = Message(topic=SOURCE, partition=0, offset=0, key=None, value=None, timestamp=(0, -1))
+    assert as_json(no_time, ValueDecoder(_cache()))["timestamp"] is None
+    assert json_line({"raw": b"\x01\x02"}) == '{"raw":"0102"}'
+
+
+def test_a_shown_dead_letter_separates_dlq_headers_from_the_records_own() -> None:
+    shown = dlq.ShownDeadLetter(letter(count=1), ValueDecoder(_cache()).decode(b"\xde\xad")).asdict()
+    assert shown["dlq"]["dlq.reason"] == "undecodable" and shown["dlq"][REPLAY_COUNT_HEADER] == "1"
+    assert shown["headers"] == {"trace-id": "t-1"}
+    assert (shown["format"], shown["value"], shown["key"]) == ("hex", "dead", "order-1")
+    assert (shown["partition"], shown["offset"], shown["topic"]) == (1, 7, DLQ)
