@@ -95,7 +95,7 @@ async def test_a_batch_is_counted_once_by_topic_with_its_dead_letters_and_phases
 
 
 async def test_a_fired_deadline_is_measured_from_its_due_time_when_applied_and_handed_over() -> None:
-    app, kernel, worker = rig_with_metrics()
+    _app, kernel, worker = rig_with_metrics()
     due = int(time.time() * 1000) - 2_000  # two seconds late
     await kernel.process([command("add", "u1", partition=2, amount=1, deadline=due)])
     await kernel.process([command("tick", "u1", partition=2, deadline_ms=due)])
