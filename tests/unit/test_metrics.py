@@ -161,3 +161,36 @@ def test_the_worker_app_serves_metrics_unless_off(tmp_path: object) -> None:
     off = create_app(Settings.from_env(env={"PAYSTREAM_METRICS": "off"}, state_dir=tmp_path), registrars=[])
     assert off.metrics is None
     assert not any("/metrics" in str(r) for r in off.web.views)
+
+
+def test_table_keys_are_exact_within_the_scrape_budget_and_estimated_beyond(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rocksdict
+
+    from tables import deadlines
+
+    db = rocksdict.Rdict(str(tmp_path), options=rocksdict.Options(raw_mode=True))  # as Faust opens them
+    try:
+        offset_key = b"__faust\0offset__"
+        for index in range(10):
+            db[b"row-%d" % index] = b"v1"
+        for index in range(3):
+            db[b"row-%d" % index] = b"v2"  # rewritten rows: RocksDB's estimate counts them again
+        del db[b"row-8"], db[b"row-9"]
+        db[offset_key] = b"42"
+
+        class Store:
+            pass
+
+        class Table:
+            data = Store()
+
+        Table.data.offset_key = offset_key  # type: ignore[attr-defined]
+        monkeypatch.setattr(deadlines, "rocksdict_partition_dbs", lambda table: {5: db})
+        budget = [100]
+        assert list(metrics._partition_keys(Table(), budget)) == [(5, 8.0)]
+        assert budget == [92]
+        estimated = list(metrics._partition_keys(Table(), [0]))  # no budget left: the estimate
+        assert estimated[0][0] == 5 and estimated[0][1] >= 8.0
+    finally:
+        db.close()
