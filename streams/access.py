@@ -129,9 +129,10 @@ def _challenge(reason: str) -> str:
     return f'Bearer realm="{REALM}", error="invalid_token"'
 
 
-MISSING = "a bearer token is required (Authorization: Bearer <token>)"
+# Worded so that the secret filter (streams.logs), which redacts "Bearer <value>", leaves them be.
+MISSING = "a service token is required (Authorization: Bearer <token>)"
 MALFORMED = "the Authorization header is not 'Bearer <token>'"
-UNKNOWN = "the bearer token is not accepted"
+UNKNOWN = "the service token is not accepted"
 
 
 def token_middleware(tokens: Sequence[str], *, public: IsPublic = is_public,

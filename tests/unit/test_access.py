@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from streams import access
+from streams import access, logs
 from streams.settings import Settings
 
 CURRENT, PREVIOUS = "tok-current-3f9a1c", "tok-previous-77b2e0"
@@ -102,7 +102,9 @@ async def test_the_token_is_never_logged(guarded: TestClient, caplog: pytest.Log
     await guarded.get("/orders/o-1", headers={"Authorization": "Bearer wrong-secret-value"})
     await guarded.get("/orders/o-1", headers={"Authorization": f"Bearer {CURRENT}"})
     text = caplog.text
-    assert "GET /orders/o-1 refused 401" in text
+    assert f"GET /orders/o-1 refused 401: {access.UNKNOWN}" in text
+    # The reasons survive the secret filter as they are.
+    assert all(logs.scrub(r) == r for r in (access.MISSING, access.MALFORMED, access.UNKNOWN))
     assert "wrong-secret-value" not in text and CURRENT not in text
 
 
