@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -156,3 +158,13 @@ def test_settings_read_several_tokens_and_send_the_first() -> None:
     assert access.authorization(None) == {} and access.registry_client_config(None) == {}
     assert access.authorization(CURRENT) == {"Authorization": f"Bearer {CURRENT}"}
     assert access.registry_client_config(CURRENT)["bearer.auth.token"] == CURRENT
+
+
+def test_docker_compose_configures_a_token_for_the_worker_and_the_ingress() -> None:
+    compose = yaml.safe_load((Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text())
+    for service in ("worker", "ingress"):
+        environment = compose["services"][service]["environment"]
+        tokens = Settings.from_env(env={k: str(v) for k, v in environment.items()
+                                        if k in ("PAYSTREAM_SERVICE_TOKENS", "LOG_FORMAT")})
+        assert environment["PAYSTREAM_SERVICE_TOKENS"].startswith("${PAYSTREAM_SERVICE_TOKENS:-")
+        assert tokens.service_token_list and tokens.log_format == "json"
