@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from agents.invoices import DEADLINES
 from streams import catalog
 from streams.devtools.bench.common import (
     BenchRun,
@@ -53,6 +54,7 @@ from streams.devtools.bench.common import (
     percentile,
     produce,
     producer,
+    topics_with_prefix,
 )
 from streams.settings import Settings
 from tables import aggregate
@@ -86,6 +88,40 @@ def open_command(invoice_id: str, user_id: str, due_ms: int) -> bytes:
     record = aggregate.command("open", "invoice_id", invoice_id, cause=None, now_ms=now_ms(),
                                invoice=invoice)
     return json.dumps(record, separators=(",", ":")).encode()
+
+
+class StampingObserver(Observer):
+    """An :class:`Observer` that also keeps each noted record's Kafka timestamp.
+
+    The timestamp is the producer's (CreateTime: when the worker produced the
+    record), so ``stamp - due`` is the worker's own lateness and ``seen -
+    stamp`` the way to the reader.
+    """
+
+    def __init__(self, settings: Settings, topics: list[str], want: Any) -> None:
+        self.stamps: dict[str, dict[str, int]] = {topic: {} for topic in topics}
+        super().__init__(settings, topics, want)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            messages = self._consumer.consume(2000, 0.01)
+            if not messages:
+                continue
+            stamp = now_ms()
+            noted = False
+            for message in messages:
+                if message.error() is not None or message.key() is None:
+                    continue
+                key = message.key().decode()
+                if self._want(key):
+                    seen = self.seen[message.topic()]
+                    if key not in seen:
+                        seen[key] = stamp
+                        self.stamps[message.topic()][key] = message.timestamp()[1]
+                        noted = True
+            if noted:
+                with self._changed:
+                    self._changed.notify_all()
 
 
 def _end_offset(settings: Settings, topic: str, timeout: float = 60.0) -> int:
@@ -137,6 +173,34 @@ def preload_invoices(settings: Settings, invoices: Sequence[tuple[str, int]], wo
     return time.monotonic() - began
 
 
+def _restarted(settings: Settings, worker: WorkerProcess, tag: str, far: int) -> WorkerProcess:
+    """The worker, restarted once its changelog topics exist.
+
+    A worker's first start creates its tables' changelog topics; when the
+    broker's metadata does not list one yet at the first assignment, Faust's
+    assignor leaves it out ("Ignoring missing topic") and the worker does not
+    serve that table (seen here with ``invoice-deadlines``: the invoice agent
+    stopped after its first batch) until the next rebalance.  The bench
+    measures deadlines, not that start-up race: the second start finds every
+    topic in place.
+    """
+    wanted = {f"{settings.app_id}-invoices-changelog", f"{settings.app_id}-{DEADLINES}-changelog"}
+    deadline = time.monotonic() + 180
+    while not wanted <= set(topics_with_prefix(settings, settings.app_id)):
+        worker.assert_running()
+        if time.monotonic() > deadline:
+            raise Stalled(f"changelog topics {sorted(wanted)} not created after 180 s\n{worker.log_tail()}")
+        time.sleep(0.5)
+    try:
+        preload_invoices(settings, [(f"in_first{tag}{i:03d}", far) for i in range(16)], worker,
+                         label="first start", stall_after=20.0)
+    except Stalled:
+        print("    the first start stalled (a changelog topic missing from its first assignment); "
+              "restarting", flush=True)
+    worker.stop()
+    return WorkerProcess(settings).launch()
+
+
 def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
     settings = run.settings("invoices", domains="subscriptions")
     first_day = settings.overdue_days[0]
@@ -145,6 +209,7 @@ def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     try:
         far = now_ms() + FAR_MS
+        worker = _restarted(settings, worker, tag, far)
         began = time.monotonic()
         preload_invoices(settings, [(f"in_up{tag}{i:07d}", far) for i in range(100)], worker,
                          label="worker up")
@@ -160,7 +225,8 @@ def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
         deadlines = {f"in_b{tag}{i:07d}": first + int(i * step) for i in range(options.count)}
         marker = f"in_b{tag}"
         created_topic, overdue_topic = settings.topic("invoice.created"), settings.topic("invoice.overdue")
-        observer = Observer(settings, [created_topic, overdue_topic], lambda key: key.startswith(marker))
+        observer = StampingObserver(settings, [created_topic, overdue_topic],
+                                    lambda key: key.startswith(marker))
         cpu_before = cpu_seconds(worker.pid)
         try:
             preload = preload_invoices(
@@ -183,11 +249,16 @@ def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
     overdue = observer.seen[overdue_topic]
     late_created = [i for i in deadlines if created.get(i, 0) > deadlines[i]]
     lags = [float(overdue[i] - max(deadlines[i], created.get(i, 0))) for i in deadlines]
+    produced = observer.stamps[overdue_topic]
+    worker_lags = [float(produced[i] - max(deadlines[i], created.get(i, 0))) for i in deadlines]
+    tenth = max(1, len(lags) // 10)  # ``deadlines`` (hence ``lags``) is in deadline order
+    by_tenth = [percentile(lags[k * tenth:(k + 1) * tenth], 0.99) for k in range(10)]
     start = max(first, min(created.get(i, 0) for i in deadlines))
     return {
         "count": options.count, "span": options.span, "first_day": first_day, "rate": rate,
         "preload": preload, "first_due_after_preload": (first - created_at) / 1000,
-        "late_created": len(late_created), "lags": lags,
+        "late_created": len(late_created), "lags": lags, "worker_lags": worker_lags,
+        "by_tenth": by_tenth,
         "drained_after": (max(overdue.values()) - start) / 1000,
         "cpu_preload": cpu_preloaded - cpu_before, "cpu_deadlines": cpu_done - cpu_preloaded,
         "load_after": load_after, "rss_kib": rss,
@@ -203,6 +274,9 @@ def _report(result: dict[str, Any]) -> None:
         print(f"    {result['late_created']:,} invoices were created after their deadline: their lag "
               "counts from their invoice.created")
     print(latency_line(f"overdue lag of {result['count']:,} (seen - due)", result["lags"], 40))
+    print(latency_line("of which the worker's (produced - due)", result["worker_lags"], 40))
+    print("    p99 lag by tenth of the deadlines, first to last (s): "
+          + " ".join(f"{lag / 1000:.2f}" for lag in result["by_tenth"]))
     p99 = percentile(result["lags"], 0.99) / 1000
     print(f"    all {result['count']:,} invoice.overdue seen {result['drained_after']:.1f} s after the first "
           f"was due; p99 {p99:.2f} s (target <= 2 s: {'met' if p99 <= 2 else 'NOT met'})")
