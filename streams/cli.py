@@ -217,7 +217,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     chosen = {name: getattr(args, name) for name in (
         "duration", "warmup", "concurrency", "raw_client", "burst", "burst_span", "deadlines",
-        "deadline_span", "expiry_window", "table_orders", "kills") if getattr(args, name) is not None}
+        "deadline_span", "expiry_window", "table_orders", "kills", "rounds")
+        if getattr(args, name) is not None}
     options = OrdersOptions(parts=parts, **{**(QUICK if args.quick else {}), **chosen})
     return run_orders(settings, options)
 
@@ -316,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="codec: records (default 100000); invoices: pending invoices (default 100000); "
                             "dlq: dead letters replayed (default 10000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
-                       help="orders: parts to run, by name or number (default: all four)")
+                       help="orders: parts to run, by name or number (default: the first four; "
+                            "5 = metrics: lifecycles with PAYSTREAM_METRICS on vs off, --rounds pairs)")
     bench.add_argument("--quick", action="store_true",
                        help="orders: a smoke run of a few seconds per part (explicit flags still win)")
     bench.add_argument("--duration", type=float, help="lifecycle: measured seconds (default 30)")
