@@ -14,7 +14,10 @@ any order, and our own calls' answers report what its webhooks report again:
 
 - a fact older than the row's (``occurred_at_ms`` before :attr:`Subscription.fact_at_ms`)
   never moves the row, nor does a status move the transition table forbids
-  (nothing leaves ``canceled``); it is recorded as applied, nothing more;
+  (nothing leaves ``canceled``), nor does ``customer.subscription.created``
+  once the row exists (it reports the first state); it is recorded as
+  applied, nothing more.  Facts of the same second (Stripe's resolution)
+  apply in the order they arrive;
 - an event reporting a fact of the subscription's life has an id derived from
   the subscription (``subscription.created``, ``.canceled``, ``.expired``:
   :func:`fact_event_id`), so whoever reports it (our call's answer, Stripe's
@@ -95,6 +98,8 @@ SUBSCRIPTION_UPDATED = "subscription.updated"
 SUBSCRIPTION_CANCELED = "subscription.canceled"
 SUBSCRIPTION_EXPIRED = "subscription.expired"
 USAGE_EXCEEDED = "subscription.usage_exceeded"
+#: Stripe's event type of a subscription's first state.
+CREATED_TYPE = "customer.subscription.created"
 
 #: Stripe's subscription statuses (lower-case, as the row stores them).
 STATUSES = frozenset({"incomplete", "incomplete_expired", "trialing", "active", "past_due",
@@ -475,8 +480,12 @@ def apply_subscription_fact(row: Subscription | None, fact: Mapping[str, Any], n
         return Decision(row=after, emit=emitted)
     if _seen(row, command_id):
         return DUPLICATE
-    if _stale(row, view, occurred_at):
-        return Decision(row=_evolve(row, command_id, now_ms))
+    if fact.get("stripe_type") == CREATED_TYPE or _stale(row, view, occurred_at):
+        # ``created`` reports the first state, which a known row has already seen
+        # (Stripe stamps events in whole seconds: a created and a later change of
+        # the same second would otherwise tie, and the one arriving last win).
+        after, emitted = _life_events(row, _evolve(row, command_id, now_ms), occurred_at, None)
+        return Decision(row=after, emit=emitted)
     return _applied_view(row, view, command_id, now_ms, occurred_at, updated_id, occurred_at)
 
 

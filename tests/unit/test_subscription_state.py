@@ -306,6 +306,13 @@ def test_the_created_webhook_after_open_publishes_nothing_and_open_after_it_neit
     assert run(first.row, command("open", "create-cmd", subscription=view())).events == []
 
 
+def test_a_created_webhook_never_moves_a_known_row_even_in_the_same_second() -> None:
+    row = run(opened(), fact("customer.subscription.updated", "evt_end", T0,
+                             cancel_at_period_end=True)).row
+    late = run(row, fact("customer.subscription.created", "evt_created", T0))
+    assert late.events == [] and late.row.cancel_at_period_end is True
+
+
 def test_a_fact_seen_before_is_a_duplicate() -> None:
     row = run(opened(), fact("customer.subscription.updated", "evt_1", plan="plan_pro")).row
     assert run(row, fact("customer.subscription.updated", "evt_1", plan="plan_pro")).decision == DUPLICATE
