@@ -261,6 +261,10 @@ def create_app(
         registrars = registrars_for(settings.domain_names)
     for register in registrars:
         register(app)
+    # The operator console (/console): after the domains, whose APIs it reads through.
+    from agents import console
+
+    console.register(app)
     for table in app.tables.values():
         # Bigger write batches while recovering (a Table argument in Faust,
         # read when recovery starts; set here so every domain's tables get it).
