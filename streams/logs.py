@@ -7,10 +7,11 @@ the line is about a Kafka record (given with ``extra=`` (:func:`record_fields`)
 or set for a block with :func:`about_record`), and ``exc`` with the
 traceback of an exception.  The worker and the sinks (Faust's logging set-up,
 :func:`faust_logging_config`), the ingress and the registry
-(:func:`configure`) all use it; Faust's start-up banner and the other
-``print`` output are not log records, so a JSON worker runs quiet
-(``faust.Worker(quiet=True)``) and stray ``print`` lines are turned into
-log records by Faust's stdout redirect.
+(:func:`configure`) all use it.  Faust's start-up banner is not a log
+record, so a JSON worker runs quiet (``faust.Worker(quiet=True)``); any
+other output of a JSON process (librdkafka's own lines, a stray ``print``,
+an uncaught exception) is turned into a record too
+(:func:`capture_process_output`).
 
 :class:`SecretFilter` sits on every handler, whatever the format, as the last
 line of defence: it rewrites any line holding a Stripe key (``sk_…``,
@@ -23,15 +24,21 @@ flow for them); the filter makes a slip cost a redaction marker, not a leak.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
+import fcntl
 import json
 import logging
+import os
 import re
+import struct
 import sys
+import termios
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TextIO
 
 from streams.settings import Settings
 
@@ -192,25 +199,145 @@ def configure(settings: Settings, level: str | int | None = None) -> None:
     """Log to stderr in ``LOG_FORMAT`` at ``level`` (default ``LOG_LEVEL``), secrets filtered.
 
     For the processes that are not Faust workers (ingress, registry).  In
-    JSON, Python's warnings and an uncaught exception are log records too.
+    JSON, the process' other output becomes log records too
+    (:func:`capture_process_output`).
     """
-    handler = logging.StreamHandler()
+    stream = capture_process_output() if settings.log_format == "json" else None
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(formatter(settings))
     handler.addFilter(SecretFilter(secrets_of(settings)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level if level is not None else settings.log_level.upper())
-    if settings.log_format == "json":
-        _route_stray_output()
 
 
-def _route_stray_output() -> None:
+#: The process' real standard error once :func:`capture_process_output` ran: log handlers write here.
+REAL_STDERR: TextIO | None = None
+#: librdkafka's own lines: ``%<syslog level>|<time>|<facility>|<client>| <text>``.
+_LIBRDKAFKA = re.compile(r"^%(\d)\|[\d.]+\|([^|]*)\|([^|]*)\|\s?(.*)$")
+_SYSLOG_LEVELS = {0: logging.CRITICAL, 1: logging.CRITICAL, 2: logging.CRITICAL, 3: logging.ERROR,
+                  4: logging.WARNING, 5: logging.INFO, 6: logging.INFO, 7: logging.DEBUG}
+
+
+def capture_process_output() -> TextIO:
+    """Make everything the process writes a log record; answer the stream handlers must write to.
+
+    For ``LOG_FORMAT=json``, where a line that is not JSON breaks the log
+    collector: file descriptors 1 and 2 become pipes read by a thread each,
+    which turns every line into a record (librdkafka's own lines, written by
+    its C threads when a broker is unreachable, get their syslog level and
+    the ``librdkafka`` logger; anything else the ``paystream.output`` logger
+    at WARNING) and hands it to the handler writing to the real standard
+    error (the one returned).  Python's warnings, uncaught exceptions (main
+    thread and others) and unraisable ones are logged the same way.  At exit
+    (``atexit``) it waits up to a second for the pipes to be drained; what is
+    written after that, while the interpreter finalizes (a librdkafka client
+    destroyed last), is dropped rather than written as a non-JSON line.
+    Idempotent: a second call answers the same stream.
+    """
+    global REAL_STDERR
+    if REAL_STDERR is not None:
+        return REAL_STDERR
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    REAL_STDERR = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="replace")
+    reads = []
+    for fd in (1, 2):
+        read, write = os.pipe()
+        os.dup2(write, fd)
+        os.close(write)
+        threading.Thread(target=_pump, args=(read,), name=f"paystream-log-fd{fd}", daemon=True).start()
+        reads.append(read)
+    atexit.register(_drain, reads)
+    _route_python_output()
+    return REAL_STDERR
+
+
+#: Held while a pump turns what it read into records (:func:`_drain` waits for it).
+_PUMPING = threading.Lock()
+
+
+def _pump(read: int) -> None:
+    pending = b""
+    while chunk := os.read(read, 65536):
+        with _PUMPING:
+            *lines, pending = (pending + chunk).split(b"\n")
+            for raw in lines:
+                line = raw.decode("utf-8", "replace").rstrip("\r")
+                if line.strip():
+                    _emit_output(line)
+
+
+def _emit_output(line: str) -> None:
+    """One line of native output as a record, to the real standard error (never back into a pipe)."""
+    real = REAL_STDERR
+    if real is None:
+        return
+    if line.startswith("{"):
+        with contextlib.suppress(ValueError):
+            if isinstance(json.loads(line), dict):  # already a JSON object: keep it as written
+                real.write(line + "\n")
+                return
+    native = _LIBRDKAFKA.match(line)
+    if native:
+        level, facility, client, text = native.groups()
+        record = logging.LogRecord("librdkafka", _SYSLOG_LEVELS.get(int(level), logging.WARNING),
+                                   "", 0, "%s %s: %s", (client, facility, text), None)
+    else:
+        record = logging.LogRecord("paystream.output", logging.WARNING, "", 0, "%s", (line,), None)
+    for handler in logging.getLogger().handlers:
+        if getattr(handler, "stream", None) is real:
+            handler.handle(record)
+            return
+    SecretFilter().filter(record)
+    real.write(JsonFormatter().format(record) + "\n")
+
+
+def _drain(reads: list[int], timeout: float = 1.0) -> None:
+    """Wait until the pipes are empty and the pumps idle (bounded by ``timeout``)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(_unread(read) for read in reads):
+            break
+        time.sleep(0.01)
+    time.sleep(0.01)  # a chunk just read: let its pump take the lock first
+    if _PUMPING.acquire(timeout=max(deadline - time.monotonic(), 0.05)):
+        _PUMPING.release()
+
+
+def _unread(fd: int) -> int:
+    """Bytes waiting in pipe ``fd`` (0 when that cannot be known)."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+def _route_python_output() -> None:
     logging.captureWarnings(True)
+    log = logging.getLogger("paystream")
 
     def excepthook(kind: type[BaseException], error: BaseException, tb: Any) -> None:
-        logging.getLogger("paystream").critical("uncaught exception", exc_info=(kind, error, tb))
+        log.critical("uncaught exception", exc_info=(kind, error, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        log.error("uncaught exception in thread %s", name,
+                  exc_info=(args.exc_type, args.exc_value, args.exc_traceback))  # type: ignore[arg-type]
+
+    def unraisablehook(unraisable: Any) -> None:
+        log.warning("exception ignored in %r", unraisable.object,
+                    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
     sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
 
 
 def faust_logging_config(settings: Settings, base: Mapping[str, Any]) -> dict[str, Any]:
@@ -219,7 +346,9 @@ def faust_logging_config(settings: Settings, base: Mapping[str, Any]) -> dict[st
     Faust's own handler (``default``, on stderr) is replaced by one with
     :class:`JsonFormatter` for ``json``, or Faust's own colored format for
     ``text`` (the lines operators and the tests know: ``[time] [pid]
-    [LEVEL]: message``), with :class:`SecretFilter` in both cases.
+    [LEVEL]: message``), with :class:`SecretFilter` in both cases.  For
+    ``json`` it also captures the process' output
+    (:func:`capture_process_output`): call it in the worker process only.
     """
     config = dict(base)
     config["merge"] = True
@@ -229,11 +358,11 @@ def faust_logging_config(settings: Settings, base: Mapping[str, Any]) -> dict[st
                          "paystream_secrets": {"()": f"{__name__}.SecretFilter",
                                                "literals": list(secrets_of(settings))}}
     if settings.log_format == "json":
-        handler = {"class": "logging.StreamHandler", "formatter": "paystream_json"}
+        capture_process_output()
+        handler = {"class": "logging.StreamHandler", "formatter": "paystream_json",
+                   "stream": f"ext://{__name__}.REAL_STDERR"}
     else:
         handler = {"class": "colorlog.StreamHandler", "formatter": "colored"}
     config["handlers"] = {**base.get("handlers", {}),
                           "default": {**handler, "filters": ["paystream_secrets"]}}
-    if settings.log_format == "json":
-        _route_stray_output()
     return config

@@ -114,7 +114,7 @@ def test_settings_refuse_an_unknown_format_or_level() -> None:
 
 
 _SCRIPT = textwrap.dedent("""
-    import logging, sys, warnings
+    import logging, os, sys, threading, warnings
     from mode.utils.logging import setup_logging
     from streams import logs
     from streams.app import QUIET_LOGGING
@@ -133,18 +133,32 @@ _SCRIPT = textwrap.dedent("""
     except RuntimeError:
         logging.getLogger("paystream.x").exception("failed")
     warnings.warn("old api", DeprecationWarning, stacklevel=1)
-    raise SystemExit(0)
+    os.write(2, b"%3|1795776764.746|FAIL|rdkafka#producer-1| [thrd:x]: Connect to 127.0.0.1:1 failed\\n")
+    os.write(1, b"a C library's line on stdout\\n")
+    print("a stray print to stderr", file=sys.stderr, flush=True)
+    if sys.argv[2] == "kafka":  # a real librdkafka client whose broker is not there
+        from confluent_kafka import Producer
+        Producer({"bootstrap.servers": "127.0.0.1:1"}).flush(1.5)
+    thread = threading.Thread(target=lambda: 1 / 0, name="doomed")
+    thread.start()
+    thread.join()
+    raise RuntimeError("the end")
 """)
 
 
-@pytest.mark.parametrize("setup", ["faust", "plain"])
-def test_a_process_set_up_for_json_writes_only_json_lines(setup: str) -> None:
-    """Both set-ups (the Faust worker's and the ingress'/registry's), in a process of its own."""
+@pytest.mark.parametrize(("setup", "kafka"), [("faust", "kafka"), ("plain", "kafka"), ("plain", "-")])
+def test_a_process_set_up_for_json_writes_only_json_lines(setup: str, kafka: str) -> None:
+    """Both set-ups (the Faust worker's and the ingress'/registry's), in a process of its own.
+
+    Its log records, Python's warnings, exceptions nobody caught (in the main
+    thread and another), stray output on both descriptors and librdkafka's
+    own lines (a real client with no broker) all end as JSON lines on stderr.
+    """
     env = {"LOG_FORMAT": "json", "PAYSTREAM_SERVICE_TOKENS": "tok-in-flight", "PATH": "/usr/bin:/bin",
            "PYTHONWARNINGS": "always"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, setup], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, setup, kafka], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr  # the uncaught RuntimeError
     assert done.stdout == ""
     lines = [json.loads(line) for line in done.stderr.splitlines()]
     messages = [line["msg"] for line in lines]
@@ -154,13 +168,24 @@ def test_a_process_set_up_for_json_writes_only_json_lines(setup: str) -> None:
     assert ("quieted at INFO" in messages) == (setup == "plain")
     failed = next(line for line in lines if line["msg"] == "failed")
     assert "RuntimeError: multi" in failed["exc"]
+    by_logger = {(line["logger"], line["level"], line["msg"]) for line in lines}
+    assert ("librdkafka", "ERROR", "rdkafka#producer-1 FAIL: [thrd:x]: Connect to 127.0.0.1:1 failed") \
+        in by_logger
+    assert ("paystream.output", "WARNING", "a C library's line on stdout") in by_logger
+    assert ("paystream.output", "WARNING", "a stray print to stderr") in by_logger
+    assert any(m == "uncaught exception in thread doomed" for m in messages)
+    [last] = [line for line in lines if line["msg"] == "uncaught exception"]
+    assert "RuntimeError: the end" in last["exc"]
+    if kafka == "kafka":  # librdkafka's C threads wrote these themselves
+        assert any(line["logger"] == "librdkafka" and "Connection refused" in line["msg"]
+                   for line in lines), messages
     assert "tok-in-flight" not in done.stderr and "sk_test_zz9" not in done.stderr
 
 
 def test_text_format_keeps_faust_s_line_and_still_filters() -> None:
     env = {"PAYSTREAM_SERVICE_TOKENS": "tok-in-flight", "PATH": "/usr/bin:/bin"}
-    done = subprocess.run([sys.executable, "-c", _SCRIPT, "faust"], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-c", _SCRIPT, "faust", "-"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     assert "[WARNING]" in done.stderr and "sent Bearer" in done.stderr
     assert "tok-in-flight" not in done.stderr and "sk_test_zz9" not in done.stderr
