@@ -12,8 +12,9 @@ Which requests need one (README: "Access tokens and logs"):
 
 - the worker (orders, payments, subscriptions, invoices, and whatever is
   mounted later, such as ``/console`` or the dead-letter routes, and Faust's
-  own ``/router``): every path except :data:`PUBLIC_PATHS`.  Deny by default,
-  so a route added later is protected without anyone remembering to;
+  own ``/router``): every path except ``app.public_paths`` (:data:`PUBLIC_PATHS`,
+  plus any path a registrar adds, :func:`public_paths`).  Deny by default, so
+  a route added later is protected without anyone remembering to;
 - the Stripe ingress: the webhook carries Stripe's signature instead and
   never needs a token; its other routes are the public probes and metrics;
 - the schema registry (:func:`registry_is_public`): reads are open, as
@@ -35,6 +36,7 @@ slips through.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -68,6 +70,16 @@ def is_public(request: web.Request) -> bool:
     return request.path in PUBLIC_PATHS
 
 
+def public_paths(paths: set[str]) -> IsPublic:
+    """A rule letting ``paths`` through, read at each request: the set may grow after start-up.
+
+    The worker's rule: ``app.public_paths`` starts as :data:`PUBLIC_PATHS`,
+    and a domain registrar may add a path that reveals and changes nothing
+    (say a page shell whose data it fetches with the token).
+    """
+    return lambda request: request.path in paths
+
+
 def ingress_is_public(request: web.Request) -> bool:
     """The ingress: :data:`PUBLIC_PATHS` and the Stripe webhook (signed by Stripe instead)."""
     from connectors.stripe_ingress import WEBHOOK_PATH
@@ -98,10 +110,19 @@ def bearer_token(header: str | None) -> str | None:
 
 
 def token_accepted(token: str, tokens: Iterable[str]) -> bool:
-    """Whether ``token`` is one of ``tokens``, comparing with every one in constant time."""
-    given = token.encode()
-    matches = [hmac.compare_digest(given, candidate.encode()) for candidate in tokens]
+    """Whether ``token`` is one of ``tokens``, comparing with every one in constant time.
+
+    SHA-256 digests are compared, so the comparison's time does not depend
+    on the tokens' lengths either (:func:`hmac.compare_digest` alone may
+    return early on a length mismatch).
+    """
+    given = _digest(token)
+    matches = [hmac.compare_digest(given, _digest(candidate)) for candidate in tokens]
     return any(matches)
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
 
 
 def json_refusal(reason: str) -> web.Response:

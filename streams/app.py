@@ -79,6 +79,8 @@ class PaystreamApp(faust.App):
     schema_cache: SchemaCache
     event_topics: dict[str, faust.TopicT]
     clients: Any  # connectors.clients.ServiceClients: the external services' clients
+    #: Paths served without a service token (streams.access); a registrar may add one.
+    public_paths: set[str]
     metrics: Any  # streams.metrics.WorkerMetrics, or None with PAYSTREAM_METRICS=off
 
     # Faust's service lines ("Starting...") under a faust logger, so the
@@ -199,6 +201,8 @@ def create_app(
     settings = settings or Settings.from_env()
     storage.configure_memory(settings.rocksdb_memory_mb)
     faust_patches.apply()
+    #: Paths the worker serves without a service token; registrars may add to it.
+    public_paths = set(access.PUBLIC_PATHS)
     options: dict[str, Any] = {
         "broker": settings.kafka_url,
         "store": storage.register(),
@@ -227,13 +231,14 @@ def create_app(
         "broker_session_timeout": settings.session_timeout_seconds,
         "broker_heartbeat_interval": settings.heartbeat_interval_seconds,
         "logging_config": QUIET_LOGGING,
-        # Service tokens on every route but the probes and metrics (streams.access).
-        "web_application_options": {
-            "middlewares": [access.token_middleware(settings.service_token_list)]},
+        # Service tokens on every route but app.public_paths (streams.access).
+        "web_application_options": {"middlewares": [access.token_middleware(
+            settings.service_token_list, public=access.public_paths(public_paths))]},
     }
     options.update(faust_options)
     app = PaystreamApp(settings.app_id, **options)
     app.settings = settings
+    app.public_paths = public_paths
     metrics.install_worker(app)  # before the agents: the kernel takes its hooks from it
     app.schema_cache = SchemaCache(SchemaRegistryClient(
         {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS,

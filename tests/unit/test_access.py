@@ -168,3 +168,30 @@ def test_docker_compose_configures_a_token_for_the_worker_and_the_ingress() -> N
                                         if k in ("PAYSTREAM_SERVICE_TOKENS", "LOG_FORMAT")})
         assert environment["PAYSTREAM_SERVICE_TOKENS"].startswith("${PAYSTREAM_SERVICE_TOKENS:-")
         assert tokens.service_token_list and tokens.log_format == "json"
+
+
+async def test_the_worker_app_guards_its_web_server_and_registrars_may_open_a_path(tmp_path: Path) -> None:
+    """The Faust app's own aiohttp application carries the middleware (streams.app.create_app)."""
+    from streams.app import create_app
+
+    settings = Settings.from_env(env={"PAYSTREAM_SERVICE_TOKENS": f"{CURRENT},{PREVIOUS}"},
+                                 state_dir=tmp_path, app_id=f"t-access-{tmp_path.name}")
+    app = create_app(settings, registrars=[])
+    assert app.public_paths == set(access.PUBLIC_PATHS)
+
+    async def page(request: web.Request) -> web.Response:
+        return web.json_response({"page": request.path})
+
+    web_app = app.web.web_app
+    for path in ("/shell", "/orders/o-1", "/metrics"):
+        web_app.router.add_get(path, page)
+    app.public_paths.add("/shell")  # after the middleware was built: read per request
+    client = await _client(web_app)
+    try:
+        assert (await client.get("/shell")).status == 200
+        assert (await client.get("/metrics")).status == 200
+        assert (await client.get("/orders/o-1")).status == 401
+        guarded = await client.get("/orders/o-1", headers={"Authorization": f"Bearer {PREVIOUS}"})
+        assert guarded.status == 200
+    finally:
+        await client.close()
