@@ -90,7 +90,7 @@ STRIPE_SECONDS = Histogram(
 CLIENT_REQUESTS = Counter(
     "paystream_client_requests_total",
     "Service client calls by service, method and outcome (ok, not_found, rejected, unavailable, "
-    "breaker_open, bad_response), each counted once whatever its retries.",
+    "breaker_open, bad_response, cancelled, error), each counted once whatever its retries.",
     ["service", "method", "outcome"])
 CLIENT_SECONDS = Histogram(
     "paystream_client_request_seconds",
