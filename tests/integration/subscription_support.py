@@ -38,6 +38,7 @@ from tests.integration.payment_support import (
     WEBHOOK_SECRET,
     PaymentStack,
     running_stack,
+    stripe_event,
 )
 from tests.integration.pipeline_support import EventReader, drain, group_lag, wait_until
 
@@ -163,3 +164,59 @@ async def subscription_stack(kafka_bootstrap: str, registry_url: str, localstrip
             yield wrapped
         finally:
             wrapped.reader.close()
+
+
+# ----------------------------------------------------------------------
+# Added for the expiry and crash tests (test_subscription_expiry.py, test_subscription_crash.py)
+
+
+def period_ending_event(view: dict[str, Any], user_id: str, end: int, *, now: int | None = None
+                        ) -> dict[str, Any]:
+    """Stripe's ``customer.subscription.updated`` of a subscription set to cancel at its period end.
+
+    localstripe never sends ``.updated``, and its periods are a month long:
+    this is the event Stripe would send for ``view`` (a subscription of this
+    stack, as POST /subscriptions answered it) whose current period ends at
+    ``end`` (epoch seconds), in Stripe's payload shape
+    (``docs_customer_subscription_updated.json``, the period on the item too,
+    as 2025 API versions put it), ``cancel_at_period_end`` true, the plan and
+    price of ``view``.  ``previous_attributes`` names the period end it
+    replaced.  Post it signed with ``stack.deliver``.
+    """
+    now = int(time.time()) if now is None else now
+    start = end - 30 * 86_400
+    event = stripe_event("customer_subscription_updated", created=now)
+    obj = event["data"]["object"]
+    obj.update({"id": view["subscription_id"], "customer": view["customer_id"], "status": "active",
+                "metadata": {"user_id": user_id}, "cancel_at_period_end": True, "cancel_at": end,
+                "canceled_at": now, "ended_at": None, "current_period_start": start,
+                "current_period_end": end})
+    item = obj["items"]["data"][0]
+    item["quantity"] = view.get("quantity") or 1
+    amount = PLANS.get(view["plan_id"], view.get("amount"))
+    for field in ("price", "plan"):
+        item[field] = {**item[field], "id": view["plan_id"], "unit_amount": amount, "amount": amount,
+                       "currency": "eur"}
+    item["current_period_start"], item["current_period_end"] = start, end
+    event["data"]["previous_attributes"] = {"current_period_end": now + 30 * 86_400}
+    return event
+
+
+async def restart_worker(stack: SubscriptionStack, how: str, *, down_until: float | None = None,
+                         serve_timeout: float = 120.0) -> float:
+    """Stop the stack's worker (``"sigterm"``: a clean exit; ``"sigkill"``: a crash) and start it again.
+
+    ``down_until`` (epoch seconds): the worker stays down until then.
+    Returns the epoch time the stop was complete.  Raises if the exit code
+    is not the one the signal gives (0 after SIGTERM, -9 after SIGKILL).
+    """
+    worker = stack.stack.worker
+    loop = asyncio.get_running_loop()
+    code = await loop.run_in_executor(None, worker.stop if how == "sigterm" else worker.kill)
+    stopped = time.time()
+    assert code == (0 if how == "sigterm" else -9), (how, code, worker.log_tail())
+    if down_until is not None and time.time() < down_until:
+        await asyncio.sleep(down_until - time.time())
+    worker.launch()
+    await loop.run_in_executor(None, worker.wait_serving, serve_timeout)
+    return stopped
