@@ -194,3 +194,14 @@ def test_table_keys_are_exact_within_the_scrape_budget_and_estimated_beyond(
         assert estimated[0][0] == 5 and estimated[0][1] >= 8.0
     finally:
         db.close()
+
+
+def test_the_sinks_worker_serves_metrics_with_an_agent_per_sink(tmp_path: object) -> None:
+    from connectors.sinks import sink_settings
+    from streams.app import create_app
+
+    app = create_app(sink_settings(Settings.from_env(env={}, state_dir=tmp_path)))
+    assert isinstance(app.metrics, metrics.WorkerMetrics)
+    assert any("/metrics" in str(r) for r in app.web.views)
+    sinks = {sink.aggregate.metrics.agent for sink in app.sinks.values()}
+    assert sinks == {"notification_sink", "billing_sink"}
