@@ -32,7 +32,11 @@ confirmation page (a ``SameSite=Strict`` cookie echoed in the form, used
 once: a resubmitted form is refused), and the ticked confirmation box.
 Every answer carries a Content-Security-Policy that allows no script, no
 framing (``frame-ancestors 'none'``, ``X-Frame-Options: DENY``), forms to
-this origin only, and styles from the console's own stylesheet.
+this origin only, and styles from the console's own stylesheet.  The
+referrer policy is ``same-origin`` rather than ``no-referrer``: with
+``no-referrer`` a browser sends ``Origin: null`` on the form's POST, and
+the same-origin check could not tell the console's own form from a
+sandboxed page's.
 """
 
 from __future__ import annotations
@@ -79,7 +83,7 @@ SECURITY_HEADERS = {
     "Content-Security-Policy": CONTENT_SECURITY_POLICY,
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",
     "Cross-Origin-Opener-Policy": "same-origin",
     "Cache-Control": "no-store",
 }

@@ -111,7 +111,7 @@ PAGE = Template("""<!DOCTYPE html>
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="referrer" content="no-referrer">
+<meta name="referrer" content="same-origin">
 <title>$title · paystream console</title>
 <link rel="stylesheet" href="$stylesheet">
 </head>
@@ -159,8 +159,12 @@ def problems_list(problems: Sequence[str]) -> Html:
     return render(Template('<ul class="error">$items</ul>\n'), items=items)
 
 
-def table(head: Sequence[str], rows: Iterable[Sequence[Any]], *, css: str = "") -> Html:
-    """A table: ``head`` as header cells, each row's values escaped (``Html`` cells as is)."""
+def table(head: Sequence[str] | None, rows: Iterable[Sequence[Any]], *, css: str = "") -> Html:
+    """A table: ``head`` as header cells (None: no header row), each row's values escaped
+    (``Html`` cells as is)."""
+    if head is None:
+        body = table((), rows, css=css)
+        return Html(body.replace("<thead><tr></tr></thead>\n", ""))
     head_html = join(render(Template("<th>$h</th>"), h=h) for h in head)
     rows_html = join(
         render(Template("<tr>$cells</tr>\n"),
@@ -349,7 +353,7 @@ def dead_letter_page(frame: Frame, shown: Any) -> Html:
         ("value format", value.format + (f" (schema {value.schema_name}, id {value.schema_id})"
                                          if value.schema_id is not None else "")),
     ]
-    parts = [table(("", ""), facts, css="facts")]
+    parts = [table(None, facts, css="facts")]
     if value.note:
         parts.append(notice(f"not decoded as Avro: {value.note}", "warn"))
     parts.append(render(Template("<h2>Error</h2>\n$e"), e=pre(d.error or "-", "error-text")))
@@ -458,8 +462,7 @@ def lookup_page(frame: Frame, kinds: Mapping[str, str], kind: str, ident: str,
         label = kinds.get(kind, kind)
         if status == 200 and isinstance(answer, Mapping):
             parts.append(render(Template("<h2>$what $id</h2>\n"), what=label, id=ident))
-            facts = [(k, v if not isinstance(v, Mapping | list) else Html(pre(pretty(v))))
-                     for k, v in sorted(redact(answer).items())]
+            facts = [(k, _field(k, v)) for k, v in sorted(redact(answer).items())]
             parts.append(table(("field", "value"), facts, css="facts"))
         else:
             message = answer.get("message") if isinstance(answer, Mapping) else None
@@ -467,6 +470,16 @@ def lookup_page(frame: Frame, kinds: Mapping[str, str], kind: str, ident: str,
             kind_css = "warn" if status in (404, 503) else "error"
             parts.append(notice(f"{status} {code or ''}: {message or answer}", kind_css))
     return page(frame, "Lookup", join(parts))
+
+
+def _field(name: str, value: Any) -> Any:
+    """A view's field for a table cell: structures as JSON, epoch-ms times with their date."""
+    if isinstance(value, Mapping | list):
+        return pre(pretty(value))
+    if name.endswith("_ms") and isinstance(value, int) and not isinstance(value, bool) \
+            and 10**11 < value < 10**14:
+        return f"{value} ({when(value)})"
+    return "-" if value is None else value
 
 
 def error_page(frame: Frame, title: str, message: str) -> Html:
