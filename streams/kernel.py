@@ -380,7 +380,8 @@ class Aggregate:
                        error: BaseException) -> None:
         """A record that fails for good outside its decision: find it, dead-letter it, keep the rest."""
         if len(inbound) + len(extra) <= 1:
-            log.error("%s: record not publishable (%r)", self.flow.name, error)
+            log.error("%s: record not publishable (%r)", self.flow.name, error,
+                      extra=_fields(inbound[0]) if inbound else None)
             if inbound:
                 record = inbound[0]
                 if record.input_id in self.replies:
