@@ -363,3 +363,33 @@ async def test_the_lookup_reads_through_the_api_with_the_token_and_without_cooki
     assert answer.status == 400
     answer = await client.get(f"{ROOT}/lookup", params={"kind": "invoice", "id": "in_1"}, headers=AUTH)
     assert answer.status == 400 and "no domain" in await answer.text()
+
+
+# ----------------------------------------------------------------------
+# On a real (not started) worker app
+
+
+def test_the_worker_app_serves_the_console_over_every_kernel_agent(tmp_path: Any) -> None:
+    from agents.console import health_of, kernel_agents
+    from streams.app import create_app
+
+    settings = Settings.from_env(env={}, state_dir=tmp_path, domains="orders,payments",
+                                 stripe_api_key="sk_test_console")
+    app = create_app(settings)
+    views = " ".join(str(v) for v in app.web.views)
+    for path in ("/console", "/console/dead-letters", "/console/dead-letters/replay",
+                 "/console/dead-letters/{partition}/{offset}", "/console/lookup",
+                 "/console/static/console.css"):
+        assert path in views, path
+    assert [name for name, _ in kernel_agents(app)] == [
+        "order_events", "payment_events", "stripe_events", "subscription_order_events",
+        "user_order_events", "user_payment_events"]
+    assert sorted(app.console.lookups) == ["order", "payment", "payment_intent"]
+    health = health_of(app, None)  # before the start: no consumer, no partitions, no rates
+    assert [a.agent for a in health.agents] == [name for name, _ in kernel_agents(app)]
+    assert all(a.partitions == () and a.rate is None for a in health.agents)
+    orders_only = create_app(Settings.from_env(env={"PAYSTREAM_METRICS": "off"}, state_dir=tmp_path,
+                                               domains="orders"))
+    assert sorted(orders_only.console.lookups) == ["order"]
+    off = orders_only.console.health()
+    assert off.metrics_on is False and "off" in pages.health_page(FRAME, off)
