@@ -140,6 +140,22 @@ async def test_an_order_is_created_with_one_token_and_read_with_the_other(guarde
         == [order_id]
 
 
+async def test_a_paid_order_s_payment_is_read_with_either_token_only(guarded: Guarded) -> None:
+    """The payment through localstripe (the stack's API client sends the current token)."""
+    stack, http = guarded.stack, guarded.http
+    order, intent_id = await stack.paid_order(f"user-access-{uuid.uuid4().hex[:8]}", 1900)
+    for path in (f"/payments/{intent_id}", f"/orders/{order['order_id']}/payment",
+                 f"/users/{order['user_id']}/orders", f"/users/{order['user_id']}/subscriptions"):
+        for name, token in REFUSED.items():
+            answer = await http.get(stack.worker.url + path, headers=_auth(token))
+            assert answer.status_code == 401, (path, name)
+        for name, token in ACCEPTED.items():
+            answer = await http.get(stack.worker.url + path, headers=_auth(token))
+            assert answer.status_code == 200, (path, name, answer.text)
+    assert (await http.get(f"{stack.worker.url}/payments/{intent_id}",
+                           headers=_auth(PREVIOUS))).json()["status"] == "SUCCEEDED"
+
+
 async def test_the_ingress_webhook_needs_its_signature_and_no_token(guarded: Guarded) -> None:
     stack, http = guarded.stack, guarded.http
     # A signed webhook with no token, or with a wrong one, is accepted: the signature decides.
