@@ -135,6 +135,8 @@ async def test_an_open_invoice_past_its_due_date_is_overdue_once(invoices: Invoi
     assert len(invoices.reader.events("invoice.created", invoice_id=invoice_id)) == 1
     row = await invoices.invoice(invoice_id)
     assert (row["status"], row["overdue_days_sent"], row["due_date"]) == ("open", [0], due * 1000)
+    unknown = await invoices.stack.api.get(f"/invoices/in_unknown{uuid.uuid4().hex[:8]}")
+    assert unknown.status_code == 404 and unknown.json()["error"] == "not_found", unknown.text
 
 
 async def test_a_late_invoice_announces_each_cadence_day_reached_once(invoices: InvoiceStack) -> None:
