@@ -14,7 +14,7 @@ different plans), cancels some of them now through
 are listed by the user index, ``user.deleted`` for that user is written to
 its topic (``handle_user_deleted``: cancel at Stripe, refund the unused
 share).  Meanwhile the worker is SIGKILLed and restarted at once: right
-after a burst of creates was answered, at a random delay (creates and
+after the first of a burst of creates were answered (the others in flight), at a random delay (creates and
 cancels go on across both), within half a second of the ``user.deleted`` or
 as soon as its first ``subscription.canceled`` shows (between a cancel and
 its refund, which a follow-up command makes), and at random again.
@@ -71,9 +71,11 @@ from tests.integration.test_payment_crash import CarefulClient, StepFailed
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
 #: Users with one subscription each, besides the two users with two (one of them deleted).
-SINGLE_USERS = 7
-#: Subscriptions requested at once at the start; the first kill comes when they are answered.
-BURST = 5
+SINGLE_USERS = 9
+#: Subscriptions requested at once at the start; the first kill comes when BURST of them
+#: are answered, while the others are in flight (between the API's commands or Stripe calls).
+STARTING = 8
+BURST = 2
 #: Of the subscriptions of users not deleted, those canceled now through the API.
 CANCEL_SHARE = 0.4
 #: Later subscriptions start at random within this many seconds.
@@ -238,7 +240,7 @@ class CrashRun:
 
     async def chaos(self) -> None:
         await asyncio.wait_for(self.burst_answered.wait(), 90)
-        await self.kill_and_restart("aimed: right after a burst of creates was answered")
+        await self.kill_and_restart("aimed: right after the first of a burst of creates were answered")
         await asyncio.sleep(self.rng.uniform(1.0, 4.0))
         await self.kill_and_restart("random")
         self.delete_now.set()
@@ -260,18 +262,24 @@ class CrashRun:
 
 
 def plan_run(rng: random.Random, run_id: str) -> tuple[list[PlannedSubscription], str]:
+    """The deleted user's two and STARTING - 2 others at once (the other user with two among
+    them: its requests race for its one customer); the rest spread evenly over SPREAD."""
     deleted_user = f"u-sxd-{run_id}"
     twice = f"u-sxt-{run_id}"
     planned = [PlannedSubscription(f"{deleted_user}/{plan}", deleted_user, plan, 0.0, deleted=True)
                for plan in PLANS]
-    planned += [PlannedSubscription(f"{twice}/{plan}", twice, plan, i * rng.uniform(0.0, SPREAD))
-                for i, plan in enumerate(PLANS)]
+    requests = [(f"{twice}/{plan}", twice, plan) for plan in PLANS]
     for i in range(SINGLE_USERS):
-        start = 0.0 if sum(p.start_after == 0.0 for p in planned) < BURST else rng.uniform(0.5, SPREAD)
         user = f"u-sx1-{run_id}-{i}"
-        planned.append(PlannedSubscription(user, user, rng.choice(sorted(PLANS)), start))
-    for sub in planned:
-        sub.cancel = not sub.deleted and rng.random() < CANCEL_SHARE
+        requests.append((user, user, rng.choice(sorted(PLANS))))
+    at_once = STARTING - len(planned)
+    later = len(requests) - at_once
+    for n, (label, user, plan) in enumerate(requests):
+        start = 0.0 if n < at_once else SPREAD * (n - at_once + rng.random()) / later
+        planned.append(PlannedSubscription(label, user, plan, start))
+    others = [s for s in planned if not s.deleted]
+    for sub in rng.sample(others, max(2, round(CANCEL_SHARE * len(others)))):
+        sub.cancel = True
     return planned, deleted_user
 
 
