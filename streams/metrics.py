@@ -4,9 +4,9 @@ Each process serves ``GET /metrics`` in the Prometheus text format (0.0.4):
 the worker and the sinks worker on their Faust web server, the webhook
 ingress and the schema registry on their aiohttp servers.  Names follow
 Prometheus' conventions: ``paystream_`` first, counters end in ``_total``,
-durations are ``_seconds`` histograms, label values come from bounded sets
-(agent, Kafka topic, partition, reason, service, operation, outcome: never an
-order, user, event or Stripe id).
+durations are ``_seconds`` histograms, record counts end in ``_records``;
+label values come from bounded sets (agent, Kafka topic, partition, reason,
+service, operation, outcome: never an order, user, event or Stripe id).
 
 Where the metrics live
 ----------------------
@@ -170,7 +170,7 @@ class WorkerMetrics:
             "counted once their batch was acknowledged.",
             ["agent", "topic"], registry=r)
         self.batch_size = Histogram(
-            "paystream_agent_batch_size", "Records in one batch an agent took.",
+            "paystream_agent_batch_records", "Records in one batch an agent took.",
             ["agent"], buckets=BATCH_BUCKETS, registry=r)
         self.decide_seconds = Histogram(
             "paystream_agent_decide_seconds",

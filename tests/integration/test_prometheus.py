@@ -146,7 +146,7 @@ async def test_prometheus_sees_the_series_move_as_orders_flow(
                      "consumer lag back to 0 once settled")
     assert value(prometheus, "max(paystream_recovery_active)") == 0.0
     assert value(prometheus, 'max(paystream_client_breaker_state{state="open"})') == 0.0
-    assert total('paystream_agent_batch_size_count{agent="order_events"}') >= 1
+    assert total('paystream_agent_batch_records_count{agent="order_events"}') >= 1
     assert open_order["order_id"]
 
 

@@ -62,7 +62,7 @@ def test_every_name_and_label_follows_the_conventions() -> None:
         assert family.name.startswith("paystream_"), family.name
         assert family.documentation, family.name
         if family.type == "histogram":
-            assert family.name.endswith(("_seconds", "_batch_size")), family.name
+            assert family.name.endswith(("_seconds", "_records")), family.name
         if family.type == "gauge":
             assert not family.name.endswith("_total"), family.name
     for collector_family in (metrics.STRIPE_REQUESTS, metrics.CLIENT_REQUESTS, worker.dead_letters,
@@ -88,8 +88,8 @@ async def test_a_batch_is_counted_once_by_topic_with_its_dead_letters_and_phases
     emitted = {k: v for k, v in values.items() if k.startswith("paystream_agent_emitted_records_total")}
     assert sum(emitted.values()) == len(app.producer.acked) - 1  # all but the dead letter
     assert not any(DLQ in k for k in emitted)
-    assert values['paystream_agent_batch_size_count{agent="counter_events"}'] == 1
-    assert values['paystream_agent_batch_size_sum{agent="counter_events"}'] == 3
+    assert values['paystream_agent_batch_records_count{agent="counter_events"}'] == 1
+    assert values['paystream_agent_batch_records_sum{agent="counter_events"}'] == 3
     for phase in ("decide", "ack", "write"):
         assert values[f'paystream_agent_{phase}_seconds_count{{agent="counter_events"}}'] == 1
 
