@@ -100,6 +100,8 @@ async def test_a_subscription_ending_while_the_worker_is_down_expires_once_after
     assert stopped < second_end, (
         f"the worker took until {stopped:.1f} to stop, after the period's end {second_end}: "
         "raise DOWN_MARGIN, the test proves nothing this way")
+    print(f"\n{how}: worker down {second_end - stopped:.1f}s before the period's end, "
+          f"serving again {time.time() - second_end:.1f}s after it", flush=True)
 
     [expired] = await subs.events_of("subscription.expired", subscription_id=second_id, timeout=90.0)
     assert expired["event_id"] == fact_event_id("subscription.expired", second_id)
