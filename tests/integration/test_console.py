@@ -157,6 +157,15 @@ async def test_without_the_token_the_console_is_refused(stack: PaymentStack) -> 
 
     body = await in_browser(stack.worker.url, "no-token", steps, headers=None)
     assert "unauthorized" in body and "Pipeline health" not in body
+    # The replay POST too, whatever the form holds: the token comes before any console check.
+    async with httpx.AsyncClient(timeout=30.0) as http:
+        for headers in ({}, {"Authorization": "Bearer tok-wrong"}):
+            answer = await http.post(f"{stack.worker.url}/console/dead-letters/replay",
+                                     data={"position": "0:0", "confirm": "replay"}, headers=headers)
+            assert answer.status_code == 401, answer.text
+        answer = await http.post(f"{stack.worker.url}/console/dead-letters/replay",
+                                 data={"position": "0:0", "confirm": "replay"}, headers=AUTH)
+        assert answer.status_code == 403 and "CSRF" in answer.text  # no console session: refused
 
 
 async def test_a_dead_letter_is_found_shown_and_replayed_in_the_browser(stack: PaymentStack) -> None:
