@@ -25,9 +25,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from mode import Service
+from mode.utils.times import want_seconds
 
 from streams import access, catalog, faust_patches, logs, metrics
-from streams.admin import ensure_topics
+from streams.admin import TopicSettings, ensure_topics, wait_until_listed
 from streams.codec import REGISTRY_TRANSPORT_ERRORS, ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
 from tables import storage
@@ -136,10 +137,33 @@ class PaystreamApp(faust.App):
         probe = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
                              "log_level": 0, "socket.connection.setup.timeout.ms": 5000})
         probe.list_topics(timeout=5.0)
-        ensure_topics(
-            settings.kafka_bootstrap_servers,
-            catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix),
-        )
+        topics = (catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix)
+                  + self.faust_topic_settings())
+        ensure_topics(settings.kafka_bootstrap_servers, topics)
+        # The consumer joins its group after this: its first assignment must
+        # see every topic, or the assignor leaves a missing one out until the
+        # next rebalance (see faust_topic_settings).
+        wait_until_listed(settings.kafka_bootstrap_servers, [t.name for t in topics])
+
+    def faust_topic_settings(self) -> list[TopicSettings]:
+        """The topics Faust would create itself, declared as Faust declares them.
+
+        Every table's changelog and, unless disabled, the leader assignor's
+        topic: partitions, replication, ``cleanup.policy`` from the topic's
+        compacting/deleting flags, ``retention.ms``, then the table's extra
+        topic configs (a deadline table's segment and cleaning settings), as
+        faust-streaming 0.15.3's ``Topic.declare`` and aiokafka transport build
+        them.  Faust declares them itself only as its consumer subscribes, and
+        a topic the broker's metadata does not list yet when the group's first
+        assignment is computed is left out of it ("Ignoring missing topic"):
+        its table's partitions are not served until a later rebalance.
+        Created with the event topics before the consumer starts, they are
+        all listed by then; Faust's own declaration then finds them.
+        """
+        topics = [table.changelog_topic for table in self.tables.values()]
+        if not self.conf.topic_disable_leader:
+            topics.append(self._leader_assignor._leader_topic)  # type: ignore[attr-defined]
+        return [_declared_settings(self.conf, topic) for topic in topics]
 
     def _resolve_schemas(self) -> dict[str, int]:
         return self.schema_cache.resolve(
@@ -189,6 +213,19 @@ class PaystreamApp(faust.App):
             return self.event_topics[name]
         except KeyError:
             raise LookupError(f"{name!r} is not a topic of the catalog") from None
+
+
+def _declared_settings(conf: Any, topic: faust.TopicT) -> TopicSettings:
+    """What Faust's ``Topic.declare`` would create ``topic`` with (see faust_topic_settings)."""
+    config: dict[str, str] = {}
+    flags = {flag for flag, on in (("compact", topic.compacting), ("delete", topic.deleting)) if on}
+    if flags:
+        config["cleanup.policy"] = ",".join(sorted(flags))
+    if topic.retention:
+        config["retention.ms"] = str(int(want_seconds(topic.retention) * 1000.0))
+    config.update({key: str(value) for key, value in (topic.config or {}).items()})
+    return TopicSettings(topic.get_topic_name(), topic.partitions or conf.topic_partitions,
+                         topic.replicas or conf.topic_replication_factor or 1, config)
 
 
 def create_app(
