@@ -36,7 +36,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from agents.invoices import DEADLINES
 from streams import catalog
 from streams.devtools.bench.common import (
     BenchRun,
@@ -54,7 +53,6 @@ from streams.devtools.bench.common import (
     percentile,
     produce,
     producer,
-    topics_with_prefix,
 )
 from streams.settings import Settings
 from tables import aggregate
@@ -173,34 +171,6 @@ def preload_invoices(settings: Settings, invoices: Sequence[tuple[str, int]], wo
     return time.monotonic() - began
 
 
-def _restarted(settings: Settings, worker: WorkerProcess, tag: str, far: int) -> WorkerProcess:
-    """The worker, restarted once its changelog topics exist.
-
-    A worker's first start creates its tables' changelog topics; when the
-    broker's metadata does not list one yet at the first assignment, Faust's
-    assignor leaves it out ("Ignoring missing topic") and the worker does not
-    serve that table (seen here with ``invoice-deadlines``: the invoice agent
-    stopped after its first batch) until the next rebalance.  The bench
-    measures deadlines, not that start-up race: the second start finds every
-    topic in place.
-    """
-    wanted = {f"{settings.app_id}-invoices-changelog", f"{settings.app_id}-{DEADLINES}-changelog"}
-    deadline = time.monotonic() + 180
-    while not wanted <= set(topics_with_prefix(settings, settings.app_id)):
-        worker.assert_running()
-        if time.monotonic() > deadline:
-            raise Stalled(f"changelog topics {sorted(wanted)} not created after 180 s\n{worker.log_tail()}")
-        time.sleep(0.5)
-    try:
-        preload_invoices(settings, [(f"in_first{tag}{i:03d}", far) for i in range(16)], worker,
-                         label="first start", stall_after=20.0)
-    except Stalled:
-        print("    the first start stalled (a changelog topic missing from its first assignment); "
-              "restarting", flush=True)
-    worker.stop()
-    return WorkerProcess(settings).launch()
-
-
 def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
     settings = run.settings("invoices", domains="subscriptions")
     first_day = settings.overdue_days[0]
@@ -209,7 +179,6 @@ def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     try:
         far = now_ms() + FAR_MS
-        worker = _restarted(settings, worker, tag, far)
         began = time.monotonic()
         preload_invoices(settings, [(f"in_up{tag}{i:07d}", far) for i in range(100)], worker,
                          label="worker up")
