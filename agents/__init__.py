@@ -12,7 +12,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from agents import orders, orders_api, payments, payments_api
+from agents import (
+    invoices,
+    invoices_api,
+    orders,
+    orders_api,
+    payments,
+    payments_api,
+    subscriptions,
+    subscriptions_api,
+)
 from connectors import sinks
 
 Registrar = Callable[[Any], Any]
@@ -21,6 +30,9 @@ Registrar = Callable[[Any], Any]
 DOMAINS: dict[str, list[Registrar]] = {
     "orders": [orders.register, orders_api.register],
     "payments": [payments.register, payments_api.register],
+    # After "payments" so that its Stripe gateway is reused (agents.subscriptions).
+    "subscriptions": [subscriptions.register, subscriptions_api.register,
+                      invoices.register, invoices_api.register],
     # The event sinks: not in the default PAYSTREAM_DOMAINS; they run in a
     # worker group of their own (``paystream sinks``; see connectors.sinks).
     "notifications": [sinks.register_notifications],

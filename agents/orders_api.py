@@ -25,8 +25,8 @@ from typing import Any
 from aiohttp import web
 from faust import web as faust_web
 
+from agents.client_checks import checked, user_refused
 from agents.orders import OrderService
-from connectors.clients import NotFound, Rejected, ServiceUnavailable
 from streams.aggregate_api import (
     IDEMPOTENCY_HEADER,
     MAX_IDEMPOTENCY_KEY_LENGTH,
@@ -42,7 +42,6 @@ from streams.aggregate_api import (
 from streams.kernel import Aggregate
 from streams.routing import Router
 from tables import aggregate, order_index, order_state
-from tables.aggregate import Refusal
 from tables.deadlines import now_ms
 from tables.order_state import WALLET
 
@@ -152,43 +151,35 @@ class OrderApi(AggregateApi):
         that reason): the replayed deduction answers the same transaction and
         the order is created, paid once.
         """
+        return await checked(lambda: self._checks(record, payment_method, key))
+
+    async def _checks(self, record: dict[str, Any], payment_method: Any,
+                      key: str | None) -> web.Response | None:
         clients = self.app.clients
         args, order_id = record["args"], record["order_id"]
         user_id = str(args["user_id"])
-        try:
-            verdict = await clients.account.validate_user(user_id)
-            if not verdict.valid:
-                return _error(400, verdict.reason or "invalid_user",
-                              f"user {user_id} may not order: {verdict.reason}")
-            if args.get("order_type") == "STORAGE_UPGRADE":
-                await clients.storage.validate_quota(user_id, 0)  # NotFound: no storage to upgrade
-            if payment_method is not None:
-                if payment_method != WALLET:
-                    raise BadRequest(f"payment_method must be {WALLET!r} or absent (a card)")
-                if key is None:
-                    raise BadRequest(f"an order paid with wallet credits needs an {IDEMPOTENCY_HEADER}: "
-                                     "a retry without one could deduct twice")
-                window_ms = int(self.app.settings.order_payment_window_seconds * 1000)
-                dry_run = {**aggregate.command_message(record, "order_id"),
-                           "payment_method": WALLET, "wallet_transaction_id": "not-yet"}
-                order_state.create(None, dry_run, now_ms(), window_ms)  # a Refusal: take nothing
-                # No balance read first: a retry of a paid order (same key) would find
-                # the balance already lowered by its own deduction; the deduction,
-                # replayed under its key, answers what it did, and refuses when short.
-                paid = await clients.wallet.deduct_credits(
-                    user_id, int(args["total_amount"]), str(args["currency"]), reason="order",
-                    idempotency_key=aggregate.derived_id("wallet-order", order_id), reference_id=order_id)
-                args.update(payment_method=WALLET, wallet_transaction_id=paid.transaction_id)
-        except ServiceUnavailable as exc:
-            return _unavailable(f"the {exc.service} service cannot answer now ({exc.code}); "
-                                "nothing was created")
-        except NotFound as exc:
-            return _error(400, exc.code or "not_found", f"{exc.service}: {exc}")
-        except Rejected as exc:
-            status = 402 if exc.code == "insufficient_funds" else 400
-            return _error(status, exc.code or "rejected", f"{exc.service}: {exc}")
-        except Refusal as refusal:
-            return _error(refusal.status, refusal.code, str(refusal))
+        refused = await user_refused(clients, user_id, "order")
+        if refused is not None:
+            return refused
+        if args.get("order_type") == "STORAGE_UPGRADE":
+            await clients.storage.validate_quota(user_id, 0)  # NotFound: no storage to upgrade
+        if payment_method is not None:
+            if payment_method != WALLET:
+                raise BadRequest(f"payment_method must be {WALLET!r} or absent (a card)")
+            if key is None:
+                raise BadRequest(f"an order paid with wallet credits needs an {IDEMPOTENCY_HEADER}: "
+                                 "a retry without one could deduct twice")
+            window_ms = int(self.app.settings.order_payment_window_seconds * 1000)
+            dry_run = {**aggregate.command_message(record, "order_id"),
+                       "payment_method": WALLET, "wallet_transaction_id": "not-yet"}
+            order_state.create(None, dry_run, now_ms(), window_ms)  # a Refusal: take nothing
+            # No balance read first: a retry of a paid order (same key) would find
+            # the balance already lowered by its own deduction; the deduction,
+            # replayed under its key, answers what it did, and refuses when short.
+            paid = await clients.wallet.deduct_credits(
+                user_id, int(args["total_amount"]), str(args["currency"]), reason="order",
+                idempotency_key=aggregate.derived_id("wallet-order", order_id), reference_id=order_id)
+            args.update(payment_method=WALLET, wallet_transaction_id=paid.transaction_id)
         return None
 
     # /orders/{order_id} -------------------------------------------------

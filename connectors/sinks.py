@@ -145,7 +145,8 @@ class PatientService:
                 raise
             del self.failing[key]
             log.error("%s.%s: giving up on %s after %.0f s of transient failures (%r)",
-                      call.service, call.operation, key, now - since, error)
+                      call.service, call.operation, key, now - since, error,
+                      extra={"event_id": key})  # the sinks key each call by its event's id
             raise CallRefused(f"{call.service} {UNAVAILABLE} for {now - since:.0f} s "
                               f"(patience {self.patience_seconds:g} s): {error}", code=UNAVAILABLE) from error
         self.failing.pop(key, None)

@@ -13,11 +13,13 @@
    signed with a secret no longer configured);
 3. reads the event with :func:`tables.stripe_events.parse_event` (400
    ``not_a_stripe_event``: not UTF-8 JSON, an array, a string, an object
-   that is not an event); an event type the payment service does not
-   consume is answered 200 ``{"ignored": true}``, counted and not stored;
+   that is not an event); an event type paystream does not consume
+   (:data:`tables.stripe_events.CONSUMED_TYPES`: payments, refunds,
+   subscriptions, invoices) is answered 200 ``{"ignored": true}``, counted
+   and not stored;
 4. produces the body **verbatim** (the bytes that were signed) to the
    ``stripe.events`` topic, keyed by :func:`tables.stripe_events.event_key`
-   (the PaymentIntent), with headers ``stripe.event_id``, ``stripe.type``,
+   (the PaymentIntent, the subscription or the invoice), with headers ``stripe.event_id``, ``stripe.type``,
    ``stripe.api_version``, ``stripe.account`` (absent ones omitted), and
    answers 200 ``{"received": true}`` only after Kafka acknowledged it
    (idempotent producer, ``acks=all``).  No acknowledgement within
@@ -28,7 +30,8 @@
 At least once, not exactly once: a record whose acknowledgement was lost
 (the broker wrote it but the 503 went out) is stored again when Stripe
 retries, and Stripe itself may send an event twice.  Both are answered 200
-and stored twice; the payment agent dedupes on the Stripe event id.
+and stored twice; the agent reading ``stripe.events`` dedupes on the Stripe
+event id.
 
 A SIGKILL at the one await between reading a webhook and answering it
 (the acknowledgement, step 4): Stripe gets no 2xx and delivers the event
@@ -39,7 +42,14 @@ is kept in memory that a restart would need.
 ``GET /healthz``: 200 while the process serves.  ``GET /readyz``: 200 when
 Kafka answers a metadata request for the topic within
 :data:`READY_TIMEOUT_SECONDS` and the topic exists, else 503.
-``GET /metrics``: the counters in Prometheus' text format.
+``GET /metrics``: Prometheus' text format (:class:`streams.metrics.IngressMetrics`):
+``paystream_ingress_webhooks_total{outcome}``, one outcome per webhook:
+``accepted``, ``duplicate`` (stored again like any other, but an event id
+this process stored recently: :data:`RECENT_EVENT_IDS` are remembered,
+in memory only), ``unknown_type`` (the ignored types), ``bad_signature``,
+``stale`` (signed with a configured secret, but older than the tolerance),
+``too_large``, ``not_a_stripe_event``, ``unavailable`` (503); and the Kafka
+acknowledgement time.
 
 The log has one INFO line per request (method, path, status, time, and for
 webhooks the event id and type and the outcome); never a body, a header
@@ -53,16 +63,16 @@ import asyncio
 import json
 import logging
 import time
-from collections import Counter
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import stripe
 from aiohttp import web
 from confluent_kafka.admin import AdminClient
 
-from streams import catalog
+from streams import access, catalog, logs
+from streams.metrics import IngressMetrics, metrics_response
 from streams.producer import EventProducer, ProduceError
 from streams.settings import Settings
 from tables.stripe_events import CONSUMED_TYPES, NotAStripeEvent, event_key, parse_event
@@ -84,51 +94,30 @@ RETRY_AFTER_SECONDS = 5
 #: How long ``/readyz`` waits for Kafka's metadata answer.
 READY_TIMEOUT_SECONDS = 2.0
 
-#: Why a webhook was refused, as counted in ``/metrics``.
-REJECT_REASONS = ("too_large", "bad_signature", "not_a_stripe_event")
+#: Event ids of stored webhooks this process remembers, to count a Stripe
+#: retry of one as ``duplicate`` (it is stored all the same: the agent dedupes).
+RECENT_EVENT_IDS = 10_000
 
 
-@dataclass
-class IngressMetrics:
-    """The ingress' counters since start (``/metrics``)."""
+class RecentIds:
+    """The last ``capacity`` ids seen, oldest forgotten first."""
 
-    accepted: int = 0
-    #: Signed events of a type the payment service does not consume, by type.
-    ignored: Counter[str] = field(default_factory=Counter)
-    rejected: Counter[str] = field(default_factory=Counter)
-    #: Webhooks answered 503 because Kafka did not acknowledge in time.
-    unavailable: int = 0
+    def __init__(self, capacity: int = RECENT_EVENT_IDS) -> None:
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
 
-    def render(self) -> str:
-        """Prometheus text exposition format, version 0.0.4."""
-        lines = [
-            "# HELP paystream_ingress_webhooks_accepted_total Stripe webhooks stored on the "
-            "stripe.events topic (answered 200 after Kafka acknowledged them).",
-            "# TYPE paystream_ingress_webhooks_accepted_total counter",
-            f"paystream_ingress_webhooks_accepted_total {self.accepted}",
-            "# HELP paystream_ingress_webhooks_ignored_total Signed Stripe events of a type "
-            "paystream does not consume (answered 200, not stored).",
-            "# TYPE paystream_ingress_webhooks_ignored_total counter",
-            *(f'paystream_ingress_webhooks_ignored_total{{type="{_label(t)}"}} {n}'
-              for t, n in sorted(self.ignored.items())),
-            "# HELP paystream_ingress_webhooks_rejected_total Webhooks refused with 4xx, by reason.",
-            "# TYPE paystream_ingress_webhooks_rejected_total counter",
-            *(f'paystream_ingress_webhooks_rejected_total{{reason="{reason}"}} {self.rejected[reason]}'
-              for reason in REJECT_REASONS),
-            "# HELP paystream_ingress_webhooks_unavailable_total Webhooks answered 503 because "
-            "Kafka did not acknowledge the record in time.",
-            "# TYPE paystream_ingress_webhooks_unavailable_total counter",
-            f"paystream_ingress_webhooks_unavailable_total {self.unavailable}",
-        ]
-        return "\n".join(lines) + "\n"
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
 
-
-def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def add(self, event_id: str) -> None:
+        self._ids[event_id] = None
+        self._ids.move_to_end(event_id)
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
 
 
 def signature_valid(text: str, header: str | None, secrets: Sequence[str],
-                    tolerance: int = SIGNATURE_TOLERANCE_SECONDS) -> bool:
+                    tolerance: int | None = SIGNATURE_TOLERANCE_SECONDS) -> bool:
     """True when ``header`` signs ``text`` with one of ``secrets``, within ``tolerance`` seconds."""
     if not header or not header.isascii():
         return False  # the library would raise TypeError comparing a non-ASCII signature
@@ -139,6 +128,14 @@ def signature_valid(text: str, header: str | None, secrets: Sequence[str],
             continue
         return True
     return False
+
+
+def signature_problem(text: str, header: str | None, secrets: Sequence[str],
+                      tolerance: int = SIGNATURE_TOLERANCE_SECONDS) -> str | None:
+    """None: valid; ``stale``: valid but older than ``tolerance``; else ``bad_signature``."""
+    if signature_valid(text, header, secrets, tolerance):
+        return None
+    return "stale" if signature_valid(text, header, secrets, None) else "bad_signature"
 
 
 class _Kafka:
@@ -207,6 +204,7 @@ class _Kafka:
 
 KAFKA = web.AppKey("kafka", _Kafka)
 METRICS = web.AppKey("metrics", IngressMetrics)
+RECENT = web.AppKey("recent", RecentIds)
 SETTINGS = web.AppKey("settings", Settings)
 TOPIC = web.AppKey("topic", str)
 #: What the request's log line says besides method, path, status and time.
@@ -234,7 +232,7 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     settings, metrics = request.app[SETTINGS], request.app[METRICS]
 
     def reject(status: int, reason: str, detail: str = "") -> web.Response:
-        metrics.rejected[reason] += 1
+        metrics.webhook(reason)
         request[LOG] = f"rejected {reason}" + (f": {detail}" if detail else "")
         return _json(status, {"error": reason})
 
@@ -246,15 +244,19 @@ async def stripe_webhook(request: web.Request) -> web.Response:
     except UnicodeDecodeError:
         # Stripe signs text; a body that is not UTF-8 is no Stripe event whoever signed it.
         return reject(400, "not_a_stripe_event", "body is not UTF-8")
-    if not signature_valid(text, request.headers.get("Stripe-Signature"),
-                           settings.stripe_webhook_secrets):
-        return reject(400, "bad_signature")
+    problem = signature_problem(text, request.headers.get("Stripe-Signature"),
+                                settings.stripe_webhook_secrets)
+    if problem is not None:
+        # One answer for both (Stripe's own word for a stale one is a bad signature); counted apart.
+        metrics.webhook(problem)
+        request[LOG] = f"rejected {problem}"
+        return _json(400, {"error": "bad_signature"})
     try:
         event = parse_event(body)
     except NotAStripeEvent as exc:
         return reject(400, "not_a_stripe_event", str(exc))
     if event.type not in CONSUMED_TYPES:
-        metrics.ignored[event.type] += 1
+        metrics.webhook("unknown_type")
         request[LOG] = f"{event.id} {event.type} ignored"
         return _json(200, {"received": True, "ignored": True})
     headers = [("stripe.event_id", event.id.encode()), ("stripe.type", event.type.encode())]
@@ -262,15 +264,21 @@ async def stripe_webhook(request: web.Request) -> web.Response:
         headers.append(("stripe.api_version", event.api_version.encode()))
     if event.account:
         headers.append(("stripe.account", event.account.encode()))
+    began = time.perf_counter()
     try:
         await request.app[KAFKA].send(request.app[TOPIC], body, event_key(event), headers)
     except (ProduceError, TimeoutError) as exc:
-        metrics.unavailable += 1
+        metrics.ack_seconds.observe(time.perf_counter() - began)
+        metrics.webhook("unavailable")
         reason = str(exc) or f"no acknowledgement within {request.app[KAFKA].ack_timeout:g} s"
         request[LOG] = f"{event.id} {event.type} unavailable: {reason}"
         return _json(503, {"error": "unavailable"}, **{"Retry-After": str(RETRY_AFTER_SECONDS)})
-    metrics.accepted += 1
-    request[LOG] = f"{event.id} {event.type} accepted"
+    metrics.ack_seconds.observe(time.perf_counter() - began)
+    recent = request.app[RECENT]
+    outcome = "duplicate" if event.id in recent else "accepted"
+    recent.add(event.id)
+    metrics.webhook(outcome)
+    request[LOG] = f"{event.id} {event.type} {outcome}"
     return _json(200, {"received": True})
 
 
@@ -288,9 +296,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    return web.Response(text=request.app[METRICS].render(),
-                        content_type="text/plain", charset="utf-8",
-                        headers={"X-Content-Type-Options": "nosniff"})
+    return metrics_response(request.app[METRICS].render())
 
 
 _HTTP_ERRORS = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -323,10 +329,12 @@ def create_app(settings: Settings, *, producer: EventProducer | None = None,
     stops; pass ``producer`` to share one the caller owns (it is then not
     closed here).
     """
-    app = web.Application(middlewares=[_log_and_errors],
+    tokens = access.token_middleware(settings.service_token_list, public=access.ingress_is_public)
+    app = web.Application(middlewares=[_log_and_errors, tokens],
                           client_max_size=settings.ingress_max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = IngressMetrics()
+    app[RECENT] = RecentIds()
     app[TOPIC] = settings.topic(catalog.STRIPE_EVENTS)
 
     async def kafka_context(app: web.Application) -> AsyncIterator[None]:
@@ -346,7 +354,7 @@ def create_app(settings: Settings, *, producer: EventProducer | None = None,
 
 def run(settings: Settings) -> None:
     """Serve the ingress on ``INGRESS_HOST:INGRESS_PORT`` until SIGINT/SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
     if not settings.stripe_webhook_secrets:
         raise SystemExit("paystream ingress: STRIPE_WEBHOOK_SECRET is empty; no webhook could be verified")
     log.info("stripe webhook ingress on http://%s:%d%s -> topic %r at %s (%d signing secret(s))",

@@ -20,6 +20,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from schemas import contracts
 from streams import catalog
+from streams.access import registry_client_config
 
 SUBJECT_NOT_FOUND = 40401
 
@@ -114,10 +115,14 @@ def committed_versions(root: Path, path: str, until: str = "HEAD") -> list[str]:
     return texts
 
 
-def register_all(url: str) -> int:
-    """CLI: register every contract; print subject and id."""
+def register_all(url: str, token: str | None = None) -> int:
+    """CLI: register every contract; print subject and id.
+
+    ``token``: the service token a registry with ``PAYSTREAM_SERVICE_TOKENS``
+    asks of writes (streams.access).
+    """
     try:
-        ids = register_contracts(url)
+        ids = register_contracts(SchemaRegistryClient({"url": url, **registry_client_config(token)}))
     except SchemaRegistryError as exc:
         print(f"schemas: registration failed: {exc}", file=sys.stderr)
         return 1

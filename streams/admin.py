@@ -6,6 +6,7 @@ topic), so every topic paystream owns is created here from its declaration.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -57,6 +58,46 @@ def ensure_topics(
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
+
+
+def wait_until_listed(
+    bootstrap_servers: str, names: Iterable[str], *, timeout: float = 30.0, interval: float = 0.2
+) -> None:
+    """Block until the broker's metadata lists every topic of ``names``, each partition with a leader.
+
+    A CreateTopics answer does not mean the metadata lists the topic yet (on
+    a busy KRaft broker it lags).  A consumer group whose first assignment is
+    computed in that window leaves the topic out (Faust's assignor: "Ignoring
+    missing topic") until a later rebalance.  Asks the broker that answers
+    the metadata request (the only one on a single-node cluster); raises a
+    retriable ``_TIMED_OUT`` KafkaException naming the topics still missing
+    after ``timeout`` seconds.
+    """
+    wanted = sorted(set(names))
+    if not wanted:
+        return
+    admin = admin_client(bootstrap_servers)
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = admin.list_topics(timeout=timeout).topics
+        missing = [name for name in wanted if not _served(listed.get(name))]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise KafkaException(KafkaError(
+                KafkaError._TIMED_OUT,
+                f"{len(missing)} topics not listed by the broker's metadata after {timeout:.0f} s: "
+                f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}",
+                retriable=True))
+        time.sleep(interval)
+
+
+def _served(metadata: object) -> bool:
+    """A topic's metadata lists it without error and every partition has a leader."""
+    if metadata is None or getattr(metadata, "error", None) is not None:
+        return False
+    partitions = metadata.partitions  # type: ignore[attr-defined]
+    return bool(partitions) and all(p.leader >= 0 and p.error is None for p in partitions.values())
 
 
 def delete_topics(bootstrap_servers: str, names: Iterable[str], *, timeout: float = 30.0) -> None:

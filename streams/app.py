@@ -26,9 +26,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from mode import Service
+from mode.utils.times import want_seconds
 
-from streams import catalog, faust_patches
-from streams.admin import ensure_topics
+from streams import access, catalog, faust_patches, logs, metrics
+from streams.admin import TopicSettings, ensure_topics, wait_until_listed
 from streams.codec import REGISTRY_TRANSPORT_ERRORS, ConfluentAvroCodec, SchemaCache
 from streams.settings import Settings
 from tables import storage
@@ -91,6 +92,9 @@ class PaystreamApp(faust.App):
     schema_cache: SchemaCache
     event_topics: dict[str, faust.TopicT]
     clients: Any  # connectors.clients.ServiceClients: the external services' clients
+    #: Paths served without a service token (streams.access); a registrar may add one.
+    public_paths: set[str]
+    metrics: Any  # streams.metrics.WorkerMetrics, or None with PAYSTREAM_METRICS=off
 
     # Faust's service lines ("Starting...") under a faust logger, so the
     # quiet logging config silences them; our own lines use ``log``.
@@ -145,10 +149,33 @@ class PaystreamApp(faust.App):
         probe = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers,
                              "log_level": 0, "socket.connection.setup.timeout.ms": 5000})
         probe.list_topics(timeout=5.0)
-        ensure_topics(
-            settings.kafka_bootstrap_servers,
-            catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix),
-        )
+        topics = (catalog.topic_settings(name_prefix=prefix) + catalog.internal_topic_settings(prefix)
+                  + self.faust_topic_settings())
+        ensure_topics(settings.kafka_bootstrap_servers, topics)
+        # The consumer joins its group after this: its first assignment must
+        # see every topic, or the assignor leaves a missing one out until the
+        # next rebalance (see faust_topic_settings).
+        wait_until_listed(settings.kafka_bootstrap_servers, [t.name for t in topics])
+
+    def faust_topic_settings(self) -> list[TopicSettings]:
+        """The topics Faust would create itself, declared as Faust declares them.
+
+        Every table's changelog and, unless disabled, the leader assignor's
+        topic: partitions, replication, ``cleanup.policy`` from the topic's
+        compacting/deleting flags, ``retention.ms``, then the table's extra
+        topic configs (a deadline table's segment and cleaning settings), as
+        faust-streaming 0.15.3's ``Topic.declare`` and aiokafka transport build
+        them.  Faust declares them itself only as its consumer subscribes, and
+        a topic the broker's metadata does not list yet when the group's first
+        assignment is computed is left out of it ("Ignoring missing topic"):
+        its table's partitions are not served until a later rebalance.
+        Created with the event topics before the consumer starts, they are
+        all listed by then; Faust's own declaration then finds them.
+        """
+        topics = [table.changelog_topic for table in self.tables.values()]
+        if not self.conf.topic_disable_leader:
+            topics.append(self._leader_assignor._leader_topic)  # type: ignore[attr-defined]
+        return [_declared_settings(self.conf, topic) for topic in topics]
 
     def _resolve_schemas(self) -> dict[str, int]:
         return self.schema_cache.resolve(
@@ -200,6 +227,19 @@ class PaystreamApp(faust.App):
             raise LookupError(f"{name!r} is not a topic of the catalog") from None
 
 
+def _declared_settings(conf: Any, topic: faust.TopicT) -> TopicSettings:
+    """What Faust's ``Topic.declare`` would create ``topic`` with (see faust_topic_settings)."""
+    config: dict[str, str] = {}
+    flags = {flag for flag, on in (("compact", topic.compacting), ("delete", topic.deleting)) if on}
+    if flags:
+        config["cleanup.policy"] = ",".join(sorted(flags))
+    if topic.retention:
+        config["retention.ms"] = str(int(want_seconds(topic.retention) * 1000.0))
+    config.update({key: str(value) for key, value in (topic.config or {}).items()})
+    return TopicSettings(topic.get_topic_name(), topic.partitions or conf.topic_partitions,
+                         topic.replicas or conf.topic_replication_factor or 1, config)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -210,6 +250,8 @@ def create_app(
     settings = settings or Settings.from_env()
     storage.configure_memory(settings.rocksdb_memory_mb)
     faust_patches.apply()
+    #: Paths the worker serves without a service token; registrars may add to it.
+    public_paths = set(access.PUBLIC_PATHS)
     options: dict[str, Any] = {
         "broker": settings.kafka_url,
         "store": storage.register(),
@@ -238,12 +280,18 @@ def create_app(
         "broker_session_timeout": settings.session_timeout_seconds,
         "broker_heartbeat_interval": settings.heartbeat_interval_seconds,
         "logging_config": QUIET_LOGGING,
+        # Service tokens on every route but app.public_paths (streams.access).
+        "web_application_options": {"middlewares": [access.token_middleware(
+            settings.service_token_list, public=access.public_paths(public_paths))]},
     }
     options.update(faust_options)
     app = PaystreamApp(settings.app_id, **options)
     app.settings = settings
+    app.public_paths = public_paths
+    metrics.install_worker(app)  # before the agents: the kernel takes its hooks from it
     app.schema_cache = SchemaCache(SchemaRegistryClient(
-        {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS}))
+        {"url": settings.schema_registry_url, "timeout": REGISTRY_TIMEOUT_SECONDS,
+         **access.registry_client_config(settings.service_token)}))
     app.event_topics = {
         name: app.topic(
             settings.topic(name),
@@ -267,6 +315,10 @@ def create_app(
         registrars = registrars_for(settings.domain_names)
     for register in registrars:
         register(app)
+    # The operator console (/console): after the domains, whose APIs it reads through.
+    from agents import console
+
+    console.register(app)
     for table in app.tables.values():
         # Bigger write batches while recovering (a Table argument in Faust,
         # read when recovery starts; set here so every domain's tables get it).
@@ -283,8 +335,10 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     storage.limit_malloc_arenas()  # before any thread starts: keeps RSS near the budget
     worker_app = create_app(settings)
     verbose = logging.getLevelName(loglevel.upper()) == logging.DEBUG
-    worker = faust.Worker(worker_app, loglevel=loglevel,
-                          logging_config={"merge": True} if verbose else None)
+    # LOG_FORMAT and the secret filter (streams.logs); a JSON worker prints no banner.
+    logging_config = logs.faust_logging_config(settings, {"merge": True} if verbose else QUIET_LOGGING)
+    worker = faust.Worker(worker_app, loglevel=loglevel, logging_config=logging_config,
+                          quiet=settings.log_format == "json")
     tune_gc()
     worker.execute_from_commandline()
     return 0

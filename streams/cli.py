@@ -41,13 +41,25 @@ def _schemas(args: argparse.Namespace, settings: Settings) -> int:
     from schemas import tooling
 
     if args.action == "register":
-        return tooling.register_all(settings.schema_registry_url)
+        return tooling.register_all(settings.schema_registry_url, settings.service_token)
     return tooling.check_all(settings.schema_registry_url)
 
 
 def _topics(args: argparse.Namespace, settings: Settings) -> int:
     from streams import catalog
 
+    if args.action == "asyncapi":
+        from pathlib import Path
+
+        from schemas.asyncapi import document_for, render
+
+        text = render(document_for(settings))
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+            print(f"topics: AsyncAPI 3.0 document of {len(catalog.CATALOG)} topics written to {args.output}")
+        else:
+            print(text, end="")
+        return 0
     if args.action == "create":
         from streams.admin import ensure_topics
 
@@ -58,6 +70,63 @@ def _topics(args: argparse.Namespace, settings: Settings) -> int:
         print(f"topics: created {len(created)}: {', '.join(sorted(created)) or '-'}")
         return 0
     catalog.print_topics(markdown=args.action == "markdown")
+    return 0
+
+
+def _dlq(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import json
+
+    from streams.ops import dlq
+    from streams.ops.records import OpsError, json_default
+
+    try:
+        where = dlq.DeadLetterFilter(
+            source_topic=args.source_topic, reason=args.reason,
+            since_ms=dlq.parse_time(args.since) if args.since else None,
+            until_ms=dlq.parse_time(args.until) if args.until else None)
+        if args.action == "list":
+            found = dlq.list_dead_letters(settings, where, topic=args.topic, limit=args.limit)
+            if args.json:
+                print("\n".join(json.dumps(d.summary(), default=json_default) for d in found))
+            else:
+                print(dlq.format_table(found), end="")
+            return 0
+        positions = [dlq.parse_position(p) for p in args.positions]
+        if args.action == "show":
+            if len(positions) != 1:
+                raise OpsError("dlq show takes one PARTITION:OFFSET")
+            [(partition, offset)] = positions
+            shown = dlq.show_dead_letter(settings, partition, offset, topic=args.topic)
+            print(json.dumps(shown.asdict(), indent=2, ensure_ascii=False, default=json_default))
+            return 0
+        filtered = any(v is not None for v in (args.source_topic, args.reason, args.since, args.until))
+        if bool(positions) == (filtered or args.all):
+            raise OpsError("dlq replay takes PARTITION:OFFSET positions, or a filter (--source-topic, "
+                           "--reason, --since, --until) or --all, not both")
+        result = asyncio.run(dlq.replay(
+            settings, positions=positions or None, where=None if positions else where,
+            topic=args.topic, limit=args.replay_limit, dry_run=args.dry_run))
+        print(dlq.format_result(result, dry_run=args.dry_run), end="")
+        return 0
+    except OpsError as exc:
+        print(f"paystream dlq: {exc}", file=sys.stderr)
+        return 2
+
+
+def _tail(args: argparse.Namespace, settings: Settings) -> int:
+    from streams.ops.records import OpsError
+    from streams.ops.tail import json_line, tail
+
+    try:
+        for record in tail(settings, args.topic, from_beginning=args.from_beginning, key=args.key,
+                           count=args.count, follow=args.follow):
+            print(json_line(record), flush=True)
+    except OpsError as exc:
+        print(f"paystream tail: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 0
     return 0
 
 
@@ -118,6 +187,20 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         picked = {name: getattr(args, name) for name in ("duration", "warmup", "concurrency", "rounds")
                   if getattr(args, name) is not None}
         return run_ingress(settings, IngressOptions(**{**(INGRESS_QUICK if args.quick else {}), **picked}))
+    if args.target == "dlq":
+        from streams.devtools.bench.dlq import QUICK as DLQ_QUICK
+        from streams.devtools.bench.dlq import DlqOptions, run_dlq
+
+        picked = {name: value for name, value in (("count", args.count), ("rounds", args.rounds))
+                  if value is not None}
+        return run_dlq(settings, DlqOptions(**{**(DLQ_QUICK if args.quick else {}), **picked}))
+    if args.target == "invoices":
+        from streams.devtools.bench.invoices import QUICK as INVOICES_QUICK
+        from streams.devtools.bench.invoices import InvoicesOptions, run_invoices
+
+        picked = {name: value for name, value in (("count", args.count), ("span", args.burst_span))
+                  if value is not None}
+        return run_invoices(settings, InvoicesOptions(**{**(INVOICES_QUICK if args.quick else {}), **picked}))
     if args.target == "payments":
         from streams.devtools.bench.payments import QUICK as PAYMENTS_QUICK
         from streams.devtools.bench.payments import PaymentsOptions, run_payments
@@ -134,7 +217,8 @@ def _bench(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     chosen = {name: getattr(args, name) for name in (
         "duration", "warmup", "concurrency", "raw_client", "burst", "burst_span", "deadlines",
-        "deadline_span", "expiry_window", "table_orders", "kills") if getattr(args, name) is not None}
+        "deadline_span", "expiry_window", "table_orders", "kills", "rounds")
+        if getattr(args, name) is not None}
     options = OrdersOptions(parts=parts, **{**(QUICK if args.quick else {}), **chosen})
     return run_orders(settings, options)
 
@@ -157,8 +241,41 @@ def build_parser() -> argparse.ArgumentParser:
     schemas.set_defaults(handler=_schemas)
 
     topics = commands.add_parser("topics", help="list or create the catalog's topics")
-    topics.add_argument("action", choices=["list", "markdown", "create"], nargs="?", default="list")
+    topics.add_argument("action", choices=["list", "markdown", "create", "asyncapi"], nargs="?",
+                        default="list")
+    topics.add_argument("--output", "-o", help="asyncapi: write the AsyncAPI 3.0 document to this file "
+                                               "(default: standard output)")
     topics.set_defaults(handler=_topics)
+
+    dlq = commands.add_parser(
+        "dlq", help="dead letters: list (filters), show one decoded, replay to the source topic",
+        description="Positions are PARTITION:OFFSET of the dead-letter topic (see dlq list).")
+    dlq.add_argument("action", choices=["list", "show", "replay"])
+    dlq.add_argument("positions", nargs="*", metavar="PARTITION:OFFSET")
+    dlq.add_argument("--topic", help="the dead-letter topic (default: this deployment's)")
+    dlq.add_argument("--source-topic", help="only dead letters of this source topic (catalog or Kafka name)")
+    dlq.add_argument("--reason", help="only this dlq.reason (undecodable, rejected, failed, unavailable)")
+    dlq.add_argument("--since", help="dead-lettered at or after: ISO 8601, epoch ms, or an age (30m, 2h, 7d)")
+    dlq.add_argument("--until", help="dead-lettered at or before (same forms as --since)")
+    dlq.add_argument("--limit", type=int, help="list: the newest N only")
+    dlq.add_argument("--json", action="store_true", help="list: one JSON object per line")
+    dlq.add_argument("--all", action="store_true", help="replay: every dead letter (still skipping those "
+                                                         "at the replay limit)")
+    dlq.add_argument("--replay-limit", type=int,
+                     help="replay: refuse records replayed this often (default PAYSTREAM_DLQ_REPLAY_LIMIT)")
+    dlq.add_argument("--dry-run", action="store_true", help="replay: check and show, produce nothing")
+    dlq.set_defaults(handler=_dlq)
+
+    tail_ = commands.add_parser("tail", help="a topic's records decoded through the registry, as JSON lines")
+    tail_.add_argument("topic", help="catalog name (the deployment's prefix is added) or Kafka topic name")
+    tail_.add_argument("--from-beginning", action="store_true", help="start at the first offset")
+    tail_.add_argument("--key", help="only records with this key")
+    tail_.add_argument("-n", "--count", type=int,
+                       help="from the end: the last N records first; --from-beginning: the first N, "
+                            "then stop")
+    tail_.add_argument("--follow", action=argparse.BooleanOptionalAction, default=True,
+                       help="keep printing new records (default); --no-follow stops at the current end")
+    tail_.set_defaults(handler=_tail)
 
     worker = commands.add_parser("worker", help="start a Faust worker with every agent")
     worker.add_argument("--loglevel", default="info")
@@ -194,10 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="orders parts: lifecycle (ours vs raw-with-state vs raw-without-state), deadlines "
                     "(order.expired lag), memory (RSS, warm restart, cold recovery), failover "
                     "(SIGKILL + restart). Defaults are the full run; --quick is a smoke run.")
-    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients"])
-    bench.add_argument("-n", "--count", type=int, default=None, help="codec: records (default 100000)")
+    bench.add_argument("target", choices=["codec", "orders", "payments", "ingress", "clients", "invoices",
+                                           "dlq"])
+    bench.add_argument("-n", "--count", type=int, default=None,
+                       help="codec: records (default 100000); invoices: pending invoices (default 100000); "
+                            "dlq: dead letters replayed (default 10000)")
     bench.add_argument("--parts", default="lifecycle,deadlines,memory,failover",
-                       help="orders: parts to run, by name or number (default: all four)")
+                       help="orders: parts to run, by name or number (default: the first four; "
+                            "5 = metrics: lifecycles with PAYSTREAM_METRICS on vs off, --rounds pairs)")
     bench.add_argument("--quick", action="store_true",
                        help="orders: a smoke run of a few seconds per part (explicit flags still win)")
     bench.add_argument("--duration", type=float, help="lifecycle: measured seconds (default 30)")
@@ -207,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="lifecycle: client of the raw loops (default aiokafka, the worker's client)")
     bench.add_argument("--burst", type=int, help="deadlines: deadlines due together (default 10000)")
     bench.add_argument("--burst-span", type=float,
-                       help="deadlines: seconds the burst falls due in (default 5)")
+                       help="deadlines: seconds the burst falls due in (default 5); invoices: seconds "
+                            "their overdue notices fall due in (default 60)")
     bench.add_argument("--deadlines", type=int,
                        help="deadlines: pending deadlines of the spread run (default 100000)")
     bench.add_argument("--deadline-span", type=float,
@@ -221,7 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ingress: pairs of one bare and one ours phase, order alternating (default 4); "
                             "ingress also takes --duration (10), --warmup (3), --concurrency (64), --quick; "
                             "clients: --duration (5), --warmup (1), --concurrency (1), --rounds (3), "
-                            "--quick; payments: --duration (30), --warmup (10), --concurrency (200), --quick")
+                            "--quick; payments: --duration (30), --warmup (10), --concurrency (200), "
+                            "--quick; "
+                            "dlq: -n (10000), --rounds (2), --quick")
     bench.set_defaults(handler=_bench)
     return parser
 

@@ -23,6 +23,13 @@ from streams.table_io import json_value
 log = logging.getLogger(__name__)
 
 
+#: Header of a record ``paystream dlq replay`` sent back to its source topic:
+#: how many times it has been replayed.  It is the one ``dlq.*`` header a
+#: dead letter takes over from the record, so a replayed record that fails
+#: again is dead-lettered with its count (and the replay limit holds).
+REPLAY_COUNT_HEADER = "dlq.replay.count"
+
+
 class UnknownEventType(ValueError):
     """A record whose envelope names another event type than its topic carries."""
 
@@ -65,7 +72,11 @@ class Decoder:
 
 
 def dead_letter_headers(event: EventT, reason: str, error: BaseException) -> list[tuple[str, bytes]]:
-    """The ``dlq.*`` headers of a dead letter, then the record's own headers."""
+    """The ``dlq.*`` headers of a dead letter, then the record's own headers.
+
+    The record's own ``dlq.*`` headers are dropped, except its
+    :data:`REPLAY_COUNT_HEADER`, which is kept as it was.
+    """
     message = event.message
     headers = [
         ("dlq.reason", reason.encode()),
@@ -75,7 +86,8 @@ def dead_letter_headers(event: EventT, reason: str, error: BaseException) -> lis
         ("dlq.source.offset", str(message.offset).encode()),
         ("dlq.source.timestamp", str(int(message.timestamp * 1000)).encode()),
     ]
-    headers.extend((k, v) for k, v in (message.headers or []) if not k.startswith("dlq."))
+    headers.extend((k, v) for k, v in (message.headers or [])
+                   if not k.startswith("dlq.") or k == REPLAY_COUNT_HEADER)
     log.warning("dead-lettered %s[%d]@%d (%s): %s",
                 message.topic, message.partition, message.offset, reason, error)
     return headers

@@ -91,6 +91,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,7 +100,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, KafkaTimeoutError
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from faust.types import EventT
 
-from streams import catalog
+from streams import catalog, logs, metrics
 from streams.batch_source import BatchSource
 from streams.bulk_send import send_all
 from streams.codec import REGISTRY_HTTP_ERRORS, MalformedRecord
@@ -193,6 +194,12 @@ class Inbound:
     answered: bool  # a requester waits for this record's verdict (API command)
 
 
+def _fields(record: Inbound) -> dict[str, Any]:
+    """The log fields of a decoded record (streams.logs): its id, correlation id and position."""
+    return logs.record_fields(record.event, event_id=record.input_id,
+                              correlation_id=record.cause.get("correlation_id"))
+
+
 @dataclass(slots=True)
 class Outgoing:
     """One record to produce, already encoded."""
@@ -270,6 +277,9 @@ class Aggregate:
         if deadlines is not None:
             self.fire_step = next(s for s in flow.steps if s.deadline is DeadlineEffect.FIRE)
             self.deadlines = Deadlines(app, deadlines, self.hand_over)
+        # Per-batch hooks (streams.metrics); None with PAYSTREAM_METRICS=off.
+        self.metrics = metrics.for_agent(app, agent_name, dead_letter_topic=self.dead_letter_topic,
+                                         deadlines=self.deadlines)
         app.agent(raw_source(app, list(self.names)), name=agent_name)(self._consume)
 
     # ------------------------------------------------------------------
@@ -298,6 +308,8 @@ class Aggregate:
     async def process(self, events: Sequence[EventT]) -> None:
         """Decide, publish, write and answer one batch (see the module docstring)."""
         now = now_ms()  # one time for the batch and its retries: a retry republishes the same records
+        if self.metrics is not None:
+            self.metrics.taken(events)
         events = in_time_order(events)
         inbound: list[Inbound] = []
         extra: list[Outgoing] = []
@@ -311,7 +323,8 @@ class Aggregate:
                         raise
                     read = await self._retrying(lambda event=event: self._read(event))
             except Exception as exc:  # not transient, not a refusal: keep it for a human
-                log.exception("%s: reading %s failed", self.flow.name, event.message.topic)
+                log.exception("%s: reading %s failed", self.flow.name, event.message.topic,
+                              extra=logs.record_fields(event))
                 read = self._dead_letter(event, "failed", exc)
             if isinstance(read, Inbound):
                 inbound.append(read)
@@ -346,8 +359,10 @@ class Aggregate:
         tries = 0
         while True:
             try:
+                began = time.perf_counter()
                 plan = await self._decide(inbound, now)
                 plan.outgoing[:0] = extra
+                decided = time.perf_counter()
                 await self._publish(plan.outgoing)
                 break
             except asyncio.CancelledError:
@@ -358,15 +373,21 @@ class Aggregate:
                     return
                 tries += 1
                 await self._backoff(tries, exc)
+        acked = time.perf_counter()
         plan.verdicts[:0] = verdicts or []
         await self._write(plan)
+        written = time.perf_counter()
         self._answer(plan)
+        if self.metrics is not None:
+            self.metrics.done(plan.outgoing, plan.slots.values(), decided - began, acked - decided,
+                              written - acked)
 
     async def _isolate(self, inbound: list[Inbound], extra: list[Outgoing], now: int,
                        error: BaseException) -> None:
         """A record that fails for good outside its decision: find it, dead-letter it, keep the rest."""
         if len(inbound) + len(extra) <= 1:
-            log.error("%s: record not publishable (%r)", self.flow.name, error)
+            log.error("%s: record not publishable (%r)", self.flow.name, error,
+                      extra=_fields(inbound[0]) if inbound else None)
             if inbound:
                 record = inbound[0]
                 if record.input_id in self.replies:
@@ -493,13 +514,15 @@ class Aggregate:
             records = self._encode(step, decision, record, now)
         except Refusal as refusal:
             if record.answered:  # the requester is (or was) told; its retry is decided again
-                log.info("%s: %s refused: %s", self.flow.name, record.input_id, refusal)
+                log.info("%s: %s refused: %s", self.flow.name, record.input_id, refusal,
+                         extra=_fields(record))
                 plan.verdicts.append((record.input_id, refusal))
             else:
                 plan.outgoing.append(self._dead_letter(record.event, refusal.dead_letter_reason, refusal))
             return []
         except Exception as exc:  # a bug in a decision, a row or a contract: keep the record
-            log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id)
+            log.exception("%s: %s failed on %s", self.flow.name, step.handler, record.input_id,
+                          extra=_fields(record))
             plan.outgoing.append(self._dead_letter(record.event, "failed", exc))
             if record.input_id in self.replies:
                 plan.verdicts.append((record.input_id, exc))
@@ -551,8 +574,9 @@ class Aggregate:
     def _dead_letter(self, event: EventT, reason: str, error: BaseException) -> Outgoing:
         message = event.message
         key = message.key if isinstance(message.key, bytes | None) else str(message.key).encode()
-        return Outgoing(self.dead_letter_topic, key, message.value,
-                        dead_letter_headers(event, reason, error))
+        with logs.about_record(event):  # the dead-letter line says which record
+            headers = dead_letter_headers(event, reason, error)
+        return Outgoing(self.dead_letter_topic, key, message.value, headers)
 
     def _follow(self, plan: Plan) -> None:
         """Records a row change causes (index updates), once per key per batch."""
@@ -655,6 +679,8 @@ class Aggregate:
             value = json_bytes(record)
             acks.append(await producer.send(topic, aggregate_id.encode(), value, None, None, None))
         await asyncio.gather(*acks)
+        if self.metrics is not None:
+            self.metrics.handed_over(due, now)
 
     def row(self, key: str) -> Any:
         """The stored row of ``key`` on this worker (None: none), for queries."""

@@ -7,6 +7,7 @@ docker-compose file can be checked against this single list.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass, field, fields
@@ -23,7 +24,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "SCHEMA_REGISTRY_TOPIC": ("registry_topic", "_schemas"),
     "PAYSTREAM_APP_ID": ("app_id", "paystream"),
     "PAYSTREAM_TOPIC_PREFIX": ("topic_prefix", ""),
-    "PAYSTREAM_DOMAINS": ("domains", "orders,payments"),
+    "PAYSTREAM_DOMAINS": ("domains", "orders,payments,subscriptions"),
     "PAYSTREAM_STATE_DIR": ("state_dir", ".paystream"),
     "WORKER_WEB_HOST": ("worker_web_host", "127.0.0.1"),
     "WORKER_WEB_PORT": ("worker_web_port", "6066"),
@@ -36,6 +37,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "STRIPE_TIMEOUT_SECONDS": ("stripe_timeout_seconds", "20"),
     "INGRESS_MAX_BODY_BYTES": ("ingress_max_body_bytes", "524288"),
     "ORDER_PAYMENT_WINDOW_SECONDS": ("order_payment_window_seconds", "1800"),
+    "INVOICE_OVERDUE_DAYS": ("invoice_overdue_days", "1,7,30"),
     "ACCOUNT_SERVICE_URL": ("account_service_url", "http://localhost:8101"),
     "WALLET_SERVICE_URL": ("wallet_service_url", "http://localhost:8102"),
     "BILLING_SERVICE_URL": ("billing_service_url", "http://localhost:8103"),
@@ -50,7 +52,18 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS": ("heartbeat_interval_seconds", "1"),
     "PAYSTREAM_BATCH_MAX": ("batch_max", "1000"),
     "PAYSTREAM_BATCH_WITHIN_MS": ("batch_within_ms", "10"),
+    # Access and logs (README: "Access tokens and logs").
+    "PAYSTREAM_SERVICE_TOKENS": ("service_tokens", ""),
+    "LOG_FORMAT": ("log_format", "text"),
+    "LOG_LEVEL": ("log_level", "info"),
+    # Operator tools (README: "Dead letters").
+    "PAYSTREAM_DLQ_REPLAY_LIMIT": ("dlq_replay_limit", "3"),
+    # Prometheus metrics (streams.metrics): on, or off to run without them.
+    "PAYSTREAM_METRICS": ("metrics", "on"),
 }
+
+#: The values of ``LOG_FORMAT``.
+LOG_FORMATS = ("text", "json")
 
 #: The broker's default ``group.min.session.timeout.ms``: a shorter session is
 #: refused at JoinGroup, so it is refused here, where the message is clearer.
@@ -90,6 +103,9 @@ class Settings:
     #: Largest webhook body the ingress reads (413 above it).
     ingress_max_body_bytes: int
     order_payment_window_seconds: float
+    #: Days after an open invoice's due date on which invoice.overdue is
+    #: published, comma-separated whole days >= 0 (:attr:`overdue_days`).
+    invoice_overdue_days: str
     account_service_url: str
     wallet_service_url: str
     billing_service_url: str
@@ -109,12 +125,33 @@ class Settings:
     #: before deciding a batch that is not full (streams.kernel).
     batch_max: int
     batch_within_ms: float
+    #: Bearer tokens the HTTP surfaces accept, comma-separated (streams.access);
+    #: empty: no token is asked for.  The first is the one this process sends.
+    service_tokens: str = field(repr=False)
+    #: ``text`` (one human line per record) or ``json`` (one JSON object per line).
+    log_format: str
+    #: Level of the ingress' and registry's logs (the worker takes ``--loglevel``).
+    log_level: str
+    #: ``paystream dlq replay`` refuses a dead letter already replayed this
+    #: many times, so a record that keeps failing cannot loop.
+    dlq_replay_limit: int
+    #: ``on``: the kernel's metrics and the worker's ``/metrics``; ``off``: neither (streams.metrics).
+    metrics: str = "on"
 
     def __post_init__(self) -> None:
         if self.batch_max < 1 or self.batch_within_ms < 0:
             raise ValueError(
                 f"PAYSTREAM_BATCH_MAX={self.batch_max} must be >= 1 and "
                 f"PAYSTREAM_BATCH_WITHIN_MS={self.batch_within_ms:g} >= 0")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"LOG_FORMAT={self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
+        if not isinstance(logging.getLevelName(self.log_level.upper()), int):
+            raise ValueError(f"LOG_LEVEL={self.log_level!r} is not a logging level (debug, info, ...)")
+        if self.metrics not in ("on", "off"):
+            raise ValueError(f"PAYSTREAM_METRICS={self.metrics!r} must be on or off")
+        if self.dlq_replay_limit < 1:
+            raise ValueError(f"PAYSTREAM_DLQ_REPLAY_LIMIT={self.dlq_replay_limit} must be >= 1")
+        self.overdue_days  # noqa: B018 - refuses a malformed INVOICE_OVERDUE_DAYS at start
         if self.rocksdb_memory_mb < 8:
             raise ValueError(
                 f"PAYSTREAM_ROCKSDB_MEMORY_MB={self.rocksdb_memory_mb} is too small (minimum 8)")
@@ -164,6 +201,18 @@ class Settings:
         return self.instance_id or f"{socket.gethostname()}-{self.worker_web_port}"
 
     @property
+    def overdue_days(self) -> tuple[int, ...]:
+        """The days of ``INVOICE_OVERDUE_DAYS``, sorted, each once (ValueError if malformed)."""
+        try:
+            days = sorted({int(d) for d in self.invoice_overdue_days.split(",") if d.strip()})
+        except ValueError:
+            days = []
+        if not days or days[0] < 0:
+            raise ValueError(f"INVOICE_OVERDUE_DAYS={self.invoice_overdue_days!r} must be whole days "
+                             ">= 0 separated by commas, e.g. 1,7,30")
+        return tuple(days)
+
+    @property
     def domain_names(self) -> tuple[str, ...]:
         """The domains of ``PAYSTREAM_DOMAINS``, in the order given."""
         return tuple(d.strip() for d in self.domains.split(",") if d.strip())
@@ -172,6 +221,22 @@ class Settings:
     def stripe_webhook_secrets(self) -> tuple[str, ...]:
         """Every webhook signing secret in force (``STRIPE_WEBHOOK_SECRET``, comma-separated)."""
         return tuple(s.strip() for s in self.stripe_webhook_secret.split(",") if s.strip())
+
+    @property
+    def metrics_enabled(self) -> bool:
+        """Whether the worker keeps Prometheus metrics (``PAYSTREAM_METRICS=on``)."""
+        return self.metrics == "on"
+
+    @property
+    def service_token_list(self) -> tuple[str, ...]:
+        """Every accepted service token (``PAYSTREAM_SERVICE_TOKENS``, comma-separated)."""
+        return tuple(t.strip() for t in self.service_tokens.split(",") if t.strip())
+
+    @property
+    def service_token(self) -> str | None:
+        """The token this process sends to other paystream services: the first one, or None."""
+        tokens = self.service_token_list
+        return tokens[0] if tokens else None
 
     @property
     def kafka_url(self) -> str:

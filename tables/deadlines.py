@@ -42,8 +42,9 @@ Changelog.  Compacted, with small segments and a low dirty ratio
 (:data:`CHANGELOG_TOPIC_CONFIGS`): a segment becomes cleanable once rolled
 (after an hour or 64 MiB), the cleaner then removes fired deadlines, and their
 tombstones an hour after that, instead of the broker defaults (a week, 1 GiB,
-50 % dirty, a day).  Faust creates the changelog topic with these configs;
-it never alters an existing topic, so a changelog created by an older version
+50 % dirty, a day).  The worker creates the changelog topic with these configs
+before its consumer joins, as Faust would (``PaystreamApp.faust_topic_settings``);
+neither alters an existing topic, so a changelog created by an older version
 keeps its configs until an operator alters them (``kafka-configs --alter``).
 
 The old bucketed format.  Earlier versions kept ``"<window start ms,

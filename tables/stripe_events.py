@@ -3,8 +3,12 @@
 The webhook ingress (``connectors.stripe_ingress``) stores every Stripe event
 it accepts byte for byte on ``stripe.events``; the payment agent reads them
 back and turns them into facts about one PaymentIntent with this module.
-Nothing here touches Kafka, aiohttp or the network, so every rule is
-unit-tested against Stripe's payload shapes (``tests/fixtures/stripe``).
+Subscription and invoice events (:data:`SUBSCRIPTION_TYPES`,
+:data:`INVOICE_TYPES`) are consumed too: this module keys them by their
+object and reads their envelope; their objects are read by
+:mod:`tables.stripe_objects`.  Nothing here touches Kafka, aiohttp or the
+network, so every rule is unit-tested against Stripe's payload shapes
+(``tests/fixtures/stripe``).
 
 Payload shapes are those of Stripe's API versions 2024 and later (the
 ``stripe`` package's resource classes and Stripe's API reference), and older
@@ -51,9 +55,9 @@ class NotAStripeEvent(ValueError):
     """
 
 
-#: Event types the payment service reads; the ingress answers every other
-#: type with 200 and stores nothing.
-CONSUMED_TYPES: frozenset[str] = frozenset({
+#: Event types about a payment (a PaymentIntent, its charge or a refund):
+#: :func:`payment_fact` reads them.
+PAYMENT_TYPES: frozenset[str] = frozenset({
     "payment_intent.created",
     "payment_intent.succeeded",
     "payment_intent.payment_failed",
@@ -64,6 +68,38 @@ CONSUMED_TYPES: frozenset[str] = frozenset({
     "refund.failed",
     "charge.refund.updated",
 })
+
+#: Event types whose ``data.object`` is a Subscription: the subscription
+#: domain reads them (``tables.stripe_objects.subscription_view``).
+#: localstripe 1.15.10 sends only ``.created`` and ``.deleted`` of these.
+SUBSCRIPTION_TYPES: frozenset[str] = frozenset({
+    "customer.subscription.created",
+    "customer.subscription.updated",
+    "customer.subscription.deleted",
+    "customer.subscription.paused",
+    "customer.subscription.resumed",
+    "customer.subscription.trial_will_end",
+})
+
+#: Event types whose ``data.object`` is an Invoice: the invoice domain reads
+#: them (``tables.stripe_objects.invoice_view``).  localstripe 1.15.10 sends
+#: only ``.created``, ``.payment_succeeded`` and (for a payment failing
+#: later, e.g. a SEPA debit) ``.payment_failed`` of these.
+INVOICE_TYPES: frozenset[str] = frozenset({
+    "invoice.created",
+    "invoice.finalized",
+    "invoice.paid",
+    "invoice.payment_succeeded",
+    "invoice.payment_failed",
+    "invoice.voided",
+    "invoice.marked_uncollectible",
+    "invoice.overdue",
+    "invoice.updated",
+})
+
+#: Event types paystream reads; the ingress answers every other type with
+#: 200 and stores nothing.
+CONSUMED_TYPES: frozenset[str] = PAYMENT_TYPES | SUBSCRIPTION_TYPES | INVOICE_TYPES
 
 #: PaymentIntent event type -> :attr:`PaymentFact.kind`.
 _INTENT_KINDS: Mapping[str, str] = MappingProxyType({
@@ -221,14 +257,15 @@ def event_from_dict(value: Mapping[str, Any]) -> StripeEvent:
 
 
 def event_key(event: StripeEvent) -> str:
-    """The Kafka key of the event on ``stripe.events``: the PaymentIntent it is about.
+    """The Kafka key of the event on ``stripe.events``: the object it is about.
 
     ``payment_intent.*``: the object's id; ``charge.*``: the charge's
     ``payment_intent``, else the charge id; ``refund.*`` and
     ``charge.refund.*`` (their object is a Refund): ``payment_intent``, else
-    ``charge``, else the refund id; any other type: the object's id.  So every
-    event of one payment lands in one partition, in the order it was
-    accepted.  An object without an id (Stripe has a few, e.g. a Balance)
+    ``charge``, else the refund id (so every event of one payment lands in
+    one partition, in the order it was accepted); ``customer.subscription.*``:
+    the subscription id; ``invoice.*``: the invoice id; any other type: the
+    object's id.  An object without an id (Stripe has a few, e.g. a Balance)
     falls back to the event id.
     """
     obj = event.object
@@ -242,14 +279,14 @@ def event_key(event: StripeEvent) -> str:
 
 
 def payment_fact(event: StripeEvent) -> PaymentFact | None:
-    """The payment fact of a consumed event; None for a type not in :data:`CONSUMED_TYPES`.
+    """The payment fact of a payment event; None for a type not in :data:`PAYMENT_TYPES`.
 
-    Raises :class:`NotAStripeEvent` when a consumed event's object lacks what
+    Raises :class:`NotAStripeEvent` when a payment event's object lacks what
     its fact needs: a PaymentIntent id (the object's id for
     ``payment_intent.*``, ``payment_intent`` for charges and refunds), an
     object of the wrong kind, a refund without id, integer amount or currency.
     """
-    if event.type not in CONSUMED_TYPES:
+    if event.type not in PAYMENT_TYPES:
         return None
     obj = event.object
     if event.type in _INTENT_KINDS:

@@ -1,4 +1,4 @@
-"""Stripe's webhooks, re-keyed from the PaymentIntent to the payment they are about.
+"""Stripe's webhooks, re-keyed to the payment, subscription or invoice they are about.
 
 ``stripe.events`` holds every webhook the ingress accepted, verbatim, keyed by
 the PaymentIntent it is about (:func:`tables.stripe_events.event_key`).  The
@@ -17,6 +17,14 @@ left where it is: the raw record stays in ``stripe.events``, which keeps a
 year of Stripe's events.  An event that is not a well-formed Stripe event (the
 ingress refuses those, so another writer put it there) is refused, hence
 dead-lettered.
+
+Subscription and invoice events (``customer.subscription.*``, ``invoice.*``)
+are keyed on ``stripe.events`` by the subscription or invoice itself, so
+their rows here are per subscription / invoice and hold only the Stripe event
+ids already forwarded: each new one goes on as a ``stripe`` command to
+``SUBSCRIPTION_COMMANDS`` / ``INVOICE_COMMANDS`` (see
+:func:`object_command`), carrying the object as
+:func:`tables.stripe_objects.subscription_view` / ``invoice_view`` reads it.
 """
 
 from __future__ import annotations
@@ -24,10 +32,26 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from streams.catalog import PAYMENT_COMMANDS, PAYMENT_INTENT_LINKS, PAYMENT_SERVICE, STRIPE_EVENTS
+from streams.catalog import (
+    INVOICE_COMMANDS,
+    PAYMENT_COMMANDS,
+    PAYMENT_INTENT_LINKS,
+    PAYMENT_SERVICE,
+    STRIPE_EVENTS,
+    SUBSCRIPTION_COMMANDS,
+)
 from tables import aggregate
 from tables.aggregate import DUPLICATE, Decision, Flow, Invalid, Send, Step
-from tables.stripe_events import NotAStripeEvent, PaymentFact, event_from_dict, payment_fact
+from tables.stripe_events import (
+    INVOICE_TYPES,
+    SUBSCRIPTION_TYPES,
+    NotAStripeEvent,
+    PaymentFact,
+    StripeEvent,
+    event_from_dict,
+    payment_fact,
+)
+from tables.stripe_objects import NotAStripeObject, invoice_view, subscription_view
 
 #: Stripe event ids an intent's row remembers: an intent sees a handful of
 #: events, and Stripe retries one for at most three days.
@@ -59,18 +83,61 @@ def fact_command(fact: PaymentFact, order_id: str, now_ms: int) -> dict[str, Any
     )
 
 
+def object_command(event: StripeEvent, message: Mapping[str, Any], now_ms: int) -> Send | None:
+    """The ``stripe`` command a subscription or invoice event becomes (None for other types).
+
+    ``customer.subscription.*``: to ``SUBSCRIPTION_COMMANDS`` keyed by the
+    subscription id, with ``subscription=<subscription_view>``;
+    ``invoice.*``: to ``INVOICE_COMMANDS`` keyed by the invoice id, with
+    ``invoice=<invoice_view>``.  Both carry ``stripe_event_id``,
+    ``stripe_type``, ``occurred_at_ms`` (the event's ``created``) and
+    ``previous``: the sorted names of ``data.previous_attributes`` (what an
+    ``*.updated`` event changed; [] when there are none).  The command id is
+    derived from the Stripe event id, so a redelivery is the same command.
+    Raises :class:`~tables.stripe_objects.NotAStripeObject` when the object
+    is not a readable Subscription / Invoice.
+    """
+    if event.type in SUBSCRIPTION_TYPES:
+        topic, key_field, name = SUBSCRIPTION_COMMANDS, "subscription_id", "subscription"
+        view = subscription_view(event.object)
+    elif event.type in INVOICE_TYPES:
+        topic, key_field, name = INVOICE_COMMANDS, "invoice_id", "invoice"
+        view = invoice_view(event.object)
+    else:
+        return None
+    data = message.get("data")
+    previous = data.get("previous_attributes") if isinstance(data, Mapping) else None
+    changed = sorted(k for k in previous if isinstance(k, str)) if isinstance(previous, Mapping) else []
+    key = view[key_field]
+    command = aggregate.command(
+        "stripe", key_field, key, cause={"event_id": event.id}, now_ms=now_ms,
+        command_id=aggregate.derived_id("stripe", event.id), stripe_event_id=event.id,
+        stripe_type=event.type, occurred_at_ms=event.created * 1000, previous=changed,
+        **{name: view},
+    )
+    return Send(topic, key, command)
+
+
 def handle_stripe_webhook(row: Row | None, message: Mapping[str, Any], now_ms: int) -> Decision:
-    """A Stripe event from ``stripe.events``: forward its fact to the payment it is about."""
+    """A Stripe event from ``stripe.events``: forward it to the payment, subscription or invoice.
+
+    The row (one per record key: a PaymentIntent, a subscription or an
+    invoice) remembers the last :data:`MAX_APPLIED` Stripe event ids, so a
+    redelivered event is a duplicate and forwarded once.
+    """
     try:
         event = event_from_dict(message)
         fact = payment_fact(event)
-    except NotAStripeEvent as exc:
+        send = object_command(event, message, now_ms)
+    except (NotAStripeEvent, NotAStripeObject) as exc:
         raise Invalid(str(exc)) from None
     current = row or {}
     applied = list(current.get("applied") or [])
     if event.id in applied:
         return DUPLICATE
     updated = {**current, "applied": [*applied, event.id][-MAX_APPLIED:]}
+    if send is not None:
+        return Decision(row=updated, send=(send,))
     if fact is None:  # a type paystream does not read (the ingress lets none through)
         return Decision(row=updated)
     updated["payment_intent_id"] = fact.payment_intent_id
@@ -106,7 +173,7 @@ STRIPE_INTENTS = Flow(
     key_field="payment_intent_id",
     steps=(
         Step(STRIPE_EVENTS, "handle_stripe_webhook", handle_stripe_webhook,
-             sends=(PAYMENT_COMMANDS,)),
+             sends=(PAYMENT_COMMANDS, SUBSCRIPTION_COMMANDS, INVOICE_COMMANDS)),
         Step(PAYMENT_INTENT_LINKS, "link_payment_intent", link_payment_intent),
     ),
     load=load,

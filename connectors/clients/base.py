@@ -62,6 +62,7 @@ from connectors.clients.spec import (
     endpoints_of,
     query_text,
 )
+from streams import metrics
 from streams.kernel import CallRefused
 from tables.aggregate import Call
 
@@ -165,6 +166,7 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probing = False
+        metrics.track_breaker(self)  # paystream_client_breaker_state, read at scrape time
 
     @property
     def state(self) -> str:
@@ -315,7 +317,39 @@ class BaseClient:
     # -- one request -----------------------------------------------------
 
     async def request(self, method_name: str, request: Model, *, idempotency_key: str | None = None) -> Any:
-        """Send ``request`` to ``method_name``'s endpoint; the response model, or a :class:`ServiceError`."""
+        """Send ``request`` to ``method_name``'s endpoint; the response model, or a :class:`ServiceError`.
+
+        Each call is counted once, with its outcome and its whole duration
+        (retries and back-off included), in ``paystream_client_requests_total``
+        and ``paystream_client_request_seconds`` (:mod:`streams.metrics`).
+        """
+        if method_name not in self.endpoints:
+            raise KeyError(f"{self.service} has no method {method_name!r}")
+        began = time.perf_counter()
+        outcome = "error"
+        try:
+            answer = await self._attempts(method_name, request, idempotency_key)
+            outcome = "ok"
+            return answer
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        except NotFound:
+            outcome = "not_found"
+            raise
+        except Rejected:
+            outcome = "rejected"
+            raise
+        except BadResponse:
+            outcome = "bad_response"
+            raise
+        except ServiceUnavailable as error:
+            outcome = "breaker_open" if error.code == "breaker_open" else "unavailable"
+            raise
+        finally:
+            metrics.observe_client(self.service, method_name, outcome, time.perf_counter() - began)
+
+    async def _attempts(self, method_name: str, request: Model, idempotency_key: str | None) -> Any:
         endpoint = self.endpoints[method_name]
         if endpoint.needs_key and not idempotency_key:
             raise ValueError(f"{self.service}.{method_name} needs an idempotency key derived from its cause")

@@ -12,11 +12,15 @@ import logging
 
 from aiohttp import web
 
+from schemas import asyncapi
 from schemas.registry.core import Registry
 from schemas.registry.http import REGISTRY, error_middleware
 from schemas.registry.routes import add_routes
+from schemas.registry.routes import asyncapi as asyncapi_route
 from schemas.registry.state import RegistryState
 from schemas.registry.store import KafkaStore
+from streams import access, logs
+from streams.metrics import RegistryMetrics, metrics_response
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -49,9 +53,21 @@ def create_app(
         apply_timeout=apply_timeout,
         retry_interval=retry_interval,
     )
-    app = web.Application(middlewares=[error_middleware], client_max_size=MAX_BODY_BYTES)
+    # Reads open, writes behind the service tokens (streams.access), checked first.
+    tokens = access.token_middleware(settings.service_token_list, public=access.registry_is_public,
+                                     refuse=access.registry_refusal)
+    # Every request counted by route pattern and status (streams.metrics), refusals included.
+    measured = RegistryMetrics()
+    app = web.Application(middlewares=[measured.middleware(), tokens, error_middleware],
+                          client_max_size=MAX_BODY_BYTES)
     app[REGISTRY] = Registry(state, store)
+
+    async def metrics_page(request: web.Request) -> web.Response:
+        return metrics_response(measured.render())
+
+    app.router.add_get("/metrics", metrics_page)
     add_routes(app)
+    asyncapi_route.install(app, asyncapi.document_for(settings))
 
     async def start_store(app: web.Application) -> None:
         await store.start()
@@ -66,7 +82,7 @@ def create_app(
 
 def run(settings: Settings) -> None:
     """Serve the registry until interrupted (SIGINT/SIGTERM)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings)
     log.info(
         "schema registry on http://%s:%d, state in Kafka topic %r at %s",
         settings.registry_host, settings.registry_port, settings.registry_topic,

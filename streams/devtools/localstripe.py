@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -146,6 +147,47 @@ class LocalStripe:
         if events is not None:
             body["events"] = list(events)
         self._config("POST", f"/_config/webhooks/{endpoint_id}", body)
+
+    def ensure_plan(self, plan_id: str, amount: int, currency: str = "eur", interval: str = "month") -> str:
+        """Have localstripe hold Plan ``plan_id`` (its Product too); return the id.
+
+        What an operator does once in Stripe's dashboard before anyone can
+        subscribe (a Product, and a recurring Price, which Stripe's API also
+        answers as a Plan).  localstripe has no Prices, so tests subscribe to
+        Plans (the gateway sends ``items[].plan``, which Stripe takes for
+        either).  A plan already there with the same amount, currency and
+        interval is kept; one with others raises :class:`LocalStripeError`
+        (localstripe cannot change a plan's price, nor can Stripe).
+        """
+        existing = self._api("GET", f"/v1/plans/{plan_id}", missing_ok=True)
+        if existing is None:
+            product = self._api("POST", "/v1/products", {"name": f"paystream {plan_id}"})
+            assert product is not None
+            existing = self._api("POST", "/v1/plans", {
+                "id": plan_id, "amount": str(int(amount)), "currency": currency.lower(),
+                "interval": interval, "product": product["id"]})
+            assert existing is not None
+        found = (existing.get("amount"), existing.get("currency"), existing.get("interval"))
+        if found != (int(amount), currency.lower(), interval):
+            raise LocalStripeError(f"plan {plan_id} exists with amount/currency/interval {found}")
+        return plan_id
+
+    def _api(self, method: str, path: str, form: dict[str, str] | None = None, *,
+             missing_ok: bool = False) -> dict[str, Any] | None:
+        """One request to localstripe's Stripe API (form-encoded, as Stripe's clients send)."""
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        request = urllib.request.Request(
+            self.url + path, data=data, method=method,
+            headers={"Authorization": f"Bearer {PROBE_KEY}",
+                     "Content-Type": "application/x-www-form-urlencoded"})
+        try:
+            with urllib.request.urlopen(request, timeout=5.0) as answer:
+                result: dict[str, Any] = json.loads(answer.read())
+                return result
+        except urllib.error.HTTPError as exc:
+            if missing_ok and exc.code == 404:
+                return None
+            raise LocalStripeError(f"localstripe {method} {path}: HTTP {exc.code}") from exc
 
     def flush(self) -> None:
         """Forget every object (``DELETE /_config/data``); webhooks stay registered."""

@@ -52,7 +52,7 @@ import pytest_asyncio
 from confluent_kafka.admin import AdminClient
 
 from connectors.stripe_gateway import StripeGateway
-from streams import catalog
+from streams import access, catalog
 from streams.admin import delete_topics, ensure_topics
 from streams.devtools.localstripe import LocalStripe
 from streams.devtools.worker_process import ROOT, settings_env
@@ -261,7 +261,8 @@ class PaymentStack:
         self.worker = WorkerProcess(settings_env(settings), settings.worker_web_port,
                                     state_dir / "worker-state", name="worker")
         self.ingress = IngressProcess(settings, state_dir / "ingress.log")
-        self.api = httpx.AsyncClient(base_url=self.worker.url, timeout=30.0)
+        self.api = httpx.AsyncClient(base_url=self.worker.url, timeout=30.0,
+                                     headers=access.authorization(settings.service_token))
         self.webhooks = httpx.AsyncClient(timeout=30.0)
         self.stripe_http = httpx.AsyncClient(base_url=localstripe.url, timeout=30.0,
                                              headers={"Authorization": f"Bearer {TEST_API_KEY}"})
@@ -346,20 +347,27 @@ class PaymentStack:
         await self.events_of("order.completed", order_id=order["order_id"])
         return order, intent_id
 
-    async def order(self, order_id: str) -> dict[str, Any]:
-        answer = await self.api.get(f"/orders/{order_id}")
+    async def read(self, path: str, timeout: float = 60.0) -> dict[str, Any]:
+        """GET ``path`` as a careful client does: a 503 (no worker owns the key
+        yet, as while partitions move after a broker outage) is retried after its
+        ``Retry-After``; any other answer but 200 fails the test."""
+        deadline = time.monotonic() + timeout
+        while True:
+            answer = await self.api.get(path)
+            if answer.status_code != 503 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(min(float(answer.headers.get("Retry-After") or 1), 2.0))
         assert answer.status_code == 200, answer.text
         return answer.json()
+
+    async def order(self, order_id: str) -> dict[str, Any]:
+        return await self.read(f"/orders/{order_id}")
 
     async def payment(self, intent_id: str) -> dict[str, Any]:
-        answer = await self.api.get(f"/payments/{intent_id}")
-        assert answer.status_code == 200, answer.text
-        return answer.json()
+        return await self.read(f"/payments/{intent_id}")
 
     async def order_payment(self, order_id: str) -> dict[str, Any]:
-        answer = await self.api.get(f"/orders/{order_id}/payment")
-        assert answer.status_code == 200, answer.text
-        return answer.json()
+        return await self.read(f"/orders/{order_id}/payment")
 
     async def refund(self, intent_id: str, key: str | None, **body: Any) -> httpx.Response:
         headers = {"Idempotency-Key": key} if key is not None else {}

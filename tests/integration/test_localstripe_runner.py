@@ -38,6 +38,24 @@ def test_the_runner_starts_answers_and_stops(tmp_path: Path) -> None:
     assert "GET /v1/payment_intents" in log.read_text()
 
 
+def test_ensure_plan_makes_a_plan_once_and_refuses_another_price_under_its_id() -> None:
+    with LocalStripe() as runner:
+        assert runner.ensure_plan("plan_team_monthly", 1200, "EUR", "month") == "plan_team_monthly"
+        assert runner.ensure_plan("plan_team_monthly", 1200, "eur", "month") == "plan_team_monthly"
+        request = urllib.request.Request(runner.url + "/v1/plans?limit=10",
+                                         headers={"Authorization": "Bearer sk_test_runner"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            plans = json.loads(answer.read())["data"]
+        [plan] = plans
+        assert (plan["id"], plan["amount"], plan["currency"], plan["interval"]) == (
+            "plan_team_monthly", 1200, "eur", "month")
+        assert plan["product"].startswith("prod_")
+        with pytest.raises(LocalStripeError, match="exists with"):
+            runner.ensure_plan("plan_team_monthly", 1500, "eur", "month")
+        with pytest.raises(LocalStripeError, match="HTTP 400"):
+            runner.ensure_plan("plan_fortnightly", 100, "eur", "fortnight")
+
+
 def test_the_idempotency_layer_replays_refuses_and_forgets_on_flush() -> None:
     with LocalStripe() as runner:
         url = runner.url + "/v1/payment_intents"

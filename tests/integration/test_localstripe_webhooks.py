@@ -1,4 +1,4 @@
-"""Which webhooks localstripe sends for the payment flow, and in what shape.
+"""Which webhooks localstripe sends for the payment and subscription flows, and in what shape.
 
 The flow of the README: the worker creates a PaymentIntent for an order (no
 payment method), the user confirms it with a test card.  localstripe signs
@@ -8,6 +8,13 @@ creation, a cancel or a refund.  The bodies it sent are kept verbatim in
 ``tests/fixtures/stripe/localstripe/<type>.json``; these tests check that
 localstripe still sends that shape.  Re-record them with
 ``PAYSTREAM_RECORD_STRIPE_FIXTURES=1``.
+
+Subscriptions: a subscription paid by card sends ``invoice.created``,
+``invoice.payment_succeeded`` and ``customer.subscription.created``; a cancel
+sends ``customer.subscription.deleted``; a plan change or a cancel at the
+period's end sends nothing (Stripe: ``customer.subscription.updated``).
+``invoice.payment_failed`` comes only from a payment failing later (a SEPA
+debit of Stripe's failing test IBAN), never from a declined card.
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import stripe
 
 from connectors.stripe_gateway import StripeGateway
 from streams.devtools.localstripe import LocalStripe
 from streams.kernel import CallRefused
 from tables.aggregate import Call
-from tests.integration.stripe_support import WebhookReceiver, gateway_settings
+from tables.stripe_events import CONSUMED_TYPES, event_from_dict, event_key
+from tables.stripe_objects import invoice_view, subscription_view
+from tests.integration.stripe_support import TEST_API_KEY, WebhookReceiver, gateway_settings
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stripe" / "localstripe"
 RECORD = os.environ.get("PAYSTREAM_RECORD_STRIPE_FIXTURES") == "1"
@@ -153,3 +163,84 @@ async def test_create_cancel_and_refund_send_nothing(
                   if d.event["data"]["object"].get("id") in about)
     assert sent == ["payment_intent.succeeded"]
     assert not [d for d in receiver.deliveries if d.event["type"].startswith(("refund.", "charge."))]
+
+
+# --------------------------------------------------------------------------
+# Subscriptions and invoices
+
+#: Stripe's test IBAN whose SEPA debit fails after a while (localstripe knows it too).
+FAILING_IBAN = "DE62370400440532013001"
+
+
+def about(receiver: WebhookReceiver, *object_ids: str) -> list[str]:
+    """The types of the deliveries about these objects, in the order they came."""
+    return [d.event["type"] for d in receiver.deliveries if d.event["data"]["object"].get("id") in object_ids]
+
+
+async def test_a_subscription_sends_created_invoice_and_deleted_but_no_updated(
+        own_localstripe: LocalStripe, gateway: StripeGateway, receiver: WebhookReceiver) -> None:
+    plan = own_localstripe.ensure_plan("plan_webhooks_monthly", 1500, "eur", "month")
+    user_id = f"usr-{uuid.uuid4().hex[:12]}"
+    customer = await gateway.call(call("create_customer", user_id=user_id))
+    await gateway.call(call("attach_payment_method", customer_id=customer["customer_id"],
+                            payment_method="pm_card_visa"))
+    view = await gateway.call(call("create_subscription", customer_id=customer["customer_id"], plan_id=plan,
+                                   metadata={"user_id": user_id}))
+    sub_id, invoice_id = view["subscription_id"], view["latest_invoice_id"]
+    created = await receiver.wait_for("customer.subscription.created", sub_id)
+    invoice_created = await receiver.wait_for("invoice.created", invoice_id)
+    paid = await receiver.wait_for("invoice.payment_succeeded", invoice_id)
+    await gateway.call(call("update_subscription", subscription_id=sub_id, quantity=2,
+                            proration_behavior="create_prorations", cancel_at_period_end=True))
+    await asyncio.sleep(QUIET)
+    assert sorted(about(receiver, sub_id, invoice_id)) == [
+        "customer.subscription.created", "invoice.created", "invoice.payment_succeeded"]
+    await gateway.call(call("cancel_subscription", subscription_id=sub_id))
+    deleted = await receiver.wait_for("customer.subscription.deleted", sub_id)
+    await asyncio.sleep(QUIET)
+    assert about(receiver, sub_id).count("customer.subscription.deleted") == 1
+    assert not receiver.rejected
+
+    # What paystream reads of them: the ingress stores them keyed by their object.
+    for delivery in (created, invoice_created, paid, deleted):
+        event = event_from_dict(delivery.event)
+        assert event.type in CONSUMED_TYPES
+        assert event_key(event) == (invoice_id if event.type.startswith("invoice.") else sub_id)
+    assert subscription_view(created.event["data"]["object"])["status"] == "active"
+    assert subscription_view(created.event["data"]["object"])["user_id"] == user_id
+    assert subscription_view(deleted.event["data"]["object"])["status"] == "canceled"
+    # invoice.created is sent while the invoice is a draft; payment_succeeded when it is paid.
+    assert invoice_view(invoice_created.event["data"]["object"])["status"] == "draft"
+    paid_view = invoice_view(paid.event["data"]["object"])
+    assert (paid_view["status"], paid_view["amount_paid"]) == ("paid", 1500)
+    assert paid_view["subscription_id"] == sub_id
+    for event_type, delivery in (("customer.subscription.created", created),
+                                 ("invoice.created", invoice_created), ("invoice.payment_succeeded", paid),
+                                 ("customer.subscription.deleted", deleted)):
+        check_fixture(event_type, delivery.body)
+
+
+async def test_a_failing_sepa_debit_sends_invoice_payment_failed_then_deletes_the_subscription(
+        own_localstripe: LocalStripe, gateway: StripeGateway, receiver: WebhookReceiver) -> None:
+    plan = own_localstripe.ensure_plan("plan_webhooks_monthly", 1500, "eur", "month")
+    http = stripe.AIOHTTPClient()
+    try:
+        raw = stripe.StripeClient(TEST_API_KEY, http_client=http, base_addresses={"api": own_localstripe.url})
+        sepa = await raw.v1.payment_methods.create_async({"type": "sepa_debit",
+                                                          "sepa_debit": {"iban": FAILING_IBAN}})
+    finally:
+        await http.close_async()
+    user_id = f"usr-{uuid.uuid4().hex[:12]}"
+    customer = await gateway.call(call("create_customer", user_id=user_id))
+    await gateway.call(call("attach_payment_method", customer_id=customer["customer_id"],
+                            payment_method=sepa.id))
+    view = await gateway.call(call("create_subscription", customer_id=customer["customer_id"], plan_id=plan,
+                                   metadata={"user_id": user_id}))
+    # A SEPA debit is pending at first: localstripe starts the subscription active.
+    assert view["status"] == "active"
+    failed = await receiver.wait_for("invoice.payment_failed", view["latest_invoice_id"])
+    await receiver.wait_for("customer.subscription.deleted", view["subscription_id"])
+    failed_view = invoice_view(failed.event["data"]["object"])
+    assert (failed_view["status"], failed_view["amount_paid"], failed_view["attempt_count"]) == ("open", 0, 1)
+    assert failed_view["subscription_id"] == view["subscription_id"]
+    check_fixture("invoice.payment_failed", failed.body)

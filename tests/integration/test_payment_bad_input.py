@@ -288,7 +288,7 @@ async def test_with_kafka_down_stripes_retry_is_accepted_once_it_is_back_and_pay
 
         async def refused_by_ingress() -> bool:
             metrics = (await stack.webhooks.get(f"{stack.ingress.url}/metrics")).text
-            return "paystream_ingress_webhooks_unavailable_total 0\n" not in metrics
+            return 'paystream_ingress_webhooks_total{outcome="unavailable"} 0.0\n' not in metrics
 
         await wait_until(refused_by_ingress, timeout=20, what="localstripe's delivery answered 503")
         down = await stack.post_webhook(delivery.body)

@@ -346,3 +346,254 @@ async def test_a_rejected_key_holds_the_batch(localstripe: LocalStripe) -> None:
 def test_a_missing_key_fails_before_any_call(localstripe: LocalStripe) -> None:  # noqa: F811
     with pytest.raises(StripeConfigError, match="STRIPE_API_KEY is not set"):
         StripeGateway.from_settings(gateway_settings(localstripe.url, stripe_api_key=""))
+
+
+# --------------------------------------------------------------------------
+# Customers, subscriptions and invoices (issue 9)
+
+SUBSCRIPTION_KEYS = {
+    "subscription_id", "customer_id", "user_id", "status", "plan_id", "quantity", "amount", "currency",
+    "current_period_start", "current_period_end", "cancel_at_period_end", "cancel_at", "canceled_at",
+    "ended_at", "latest_invoice_id", "metadata",
+}
+
+
+@pytest.fixture(scope="module")
+def plans(localstripe: LocalStripe) -> dict[str, str]:  # noqa: F811
+    """Two monthly EUR plans of this module's own (9.00 and 29.00), as an operator sets them up."""
+    suffix = uuid.uuid4().hex[:8]
+    return {"basic": localstripe.ensure_plan(f"plan_basic_{suffix}", 900, "eur", "month"),
+            "pro": localstripe.ensure_plan(f"plan_pro_{suffix}", 2900, "EUR", "month")}
+
+
+async def customer_with_card(gateway: StripeGateway, card: str = "pm_card_visa") -> tuple[str, str]:
+    """A new customer (user id) with ``card`` as its invoices' payment method."""
+    user_id = f"usr-{uuid.uuid4().hex[:12]}"
+    customer = await gateway.call(stripe_call("create_customer", user_id=user_id,
+                                              email=f"{user_id}@example.com"))
+    await gateway.call(stripe_call("attach_payment_method", customer_id=customer["customer_id"],
+                                   payment_method=card))
+    return customer["customer_id"], user_id
+
+
+async def subscribed(gateway: StripeGateway, plan_id: str, quantity: int = 1,
+                     card: str = "pm_card_visa") -> dict[str, Any]:
+    customer_id, user_id = await customer_with_card(gateway, card)
+    return await gateway.call(stripe_call("create_subscription", customer_id=customer_id, plan_id=plan_id,
+                                          quantity=quantity, metadata={"user_id": user_id}))
+
+
+async def test_a_customer_with_a_card_subscribes_to_a_plan_and_pays_its_first_invoice(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient,  # noqa: F811
+        plans: dict[str, str]) -> None:
+    user_id = f"usr-{uuid.uuid4().hex[:12]}"
+    customer = await stripe_gateway.call(stripe_call("create_customer", user_id=user_id))
+    customer_id = customer["customer_id"]
+    assert customer == {"customer_id": customer_id} and customer_id.startswith("cus_")
+    attached = await stripe_gateway.call(stripe_call("attach_payment_method", customer_id=customer_id,
+                                                     payment_method="pm_card_visa"))
+    # Attaching a test token makes a payment method of its own (Stripe does the same).
+    assert attached["customer_id"] == customer_id and attached["payment_method"].startswith("pm_")
+    held = await raw_client.v1.customers.retrieve_async(customer_id)
+    assert held.metadata.to_dict() == {"user_id": user_id}
+    assert held.invoice_settings.default_payment_method == attached["payment_method"]
+
+    view = await stripe_gateway.call(stripe_call("create_subscription", customer_id=customer_id,
+                                                 plan_id=plans["basic"], quantity=2,
+                                                 metadata={"user_id": user_id}))
+    assert set(view) == SUBSCRIPTION_KEYS
+    assert view["subscription_id"].startswith("sub_") and view["customer_id"] == customer_id
+    assert (view["status"], view["plan_id"], view["quantity"]) == ("active", plans["basic"], 2)
+    assert (view["amount"], view["currency"], view["user_id"]) == (1800, "EUR", user_id)
+    assert view["current_period_end"] > view["current_period_start"] > 0
+    assert view["cancel_at_period_end"] is False and view["ended_at"] is None
+    first = await stripe_gateway.call(stripe_call("retrieve_invoice", invoice_id=view["latest_invoice_id"]))
+    assert (first["status"], first["amount_paid"], first["subscription_id"]) == ("paid", 1800,
+                                                                                 view["subscription_id"])
+    assert first["payment_intent_id"].startswith("pi_") and first["charge_id"].startswith("ch_")
+    again = await stripe_gateway.call(stripe_call("retrieve_subscription",
+                                                  subscription_id=view["subscription_id"]))
+    assert again == view
+
+
+async def test_a_replayed_create_subscription_makes_one_subscription(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient,  # noqa: F811
+        plans: dict[str, str]) -> None:
+    customer_id, user_id = await customer_with_card(stripe_gateway)
+    call = stripe_call("create_subscription", customer_id=customer_id, plan_id=plans["pro"],
+                       metadata={"user_id": user_id})
+    first, replay = await stripe_gateway.call(call), await stripe_gateway.call(call)
+    assert replay["subscription_id"] == first["subscription_id"]
+    listed = await raw_client.v1.subscriptions.list_async({"customer": customer_id})
+    assert [s.id for s in listed.data] == [first["subscription_id"]]
+    invoices = await raw_client.v1.invoices.list_async({"customer": customer_id})
+    assert len(invoices.data) == 1  # charged once
+
+
+async def test_a_declined_first_payment_leaves_the_subscription_incomplete_not_refused(
+        stripe_gateway: StripeGateway, plans: dict[str, str]) -> None:  # noqa: F811
+    view = await subscribed(stripe_gateway, plans["basic"], card="pm_card_chargeCustomerFail")
+    assert view["status"] == "incomplete"
+    invoice = await stripe_gateway.call(stripe_call("retrieve_invoice", invoice_id=view["latest_invoice_id"]))
+    assert (invoice["status"], invoice["amount_paid"], invoice["amount_remaining"]) == ("open", 0, 900)
+
+
+async def test_a_trial_subscription_has_no_invoice_and_no_paid_one(
+        stripe_gateway: StripeGateway, plans: dict[str, str]) -> None:  # noqa: F811
+    customer_id, user_id = await customer_with_card(stripe_gateway)
+    view = await stripe_gateway.call(stripe_call("create_subscription", customer_id=customer_id,
+                                                 plan_id=plans["basic"], metadata={"user_id": user_id},
+                                                 trial_period_days=14))
+    # Stripe: status trialing with a 0.00 invoice; localstripe makes no invoice and says incomplete.
+    assert view["status"] == "incomplete" and view["latest_invoice_id"] is None
+    assert await stripe_gateway.call(stripe_call("latest_paid_invoice",
+                                                 subscription_id=view["subscription_id"])) == {}
+
+
+async def test_a_plan_change_with_proration_keeps_the_subscription_and_a_replay_changes_nothing(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient,  # noqa: F811
+        plans: dict[str, str]) -> None:
+    view = await subscribed(stripe_gateway, plans["basic"], quantity=3)
+    call = stripe_call("update_subscription", subscription_id=view["subscription_id"], plan_id=plans["pro"],
+                       proration_behavior="create_prorations")
+    changed = await stripe_gateway.call(call)
+    assert changed["subscription_id"] == view["subscription_id"]
+    assert (changed["plan_id"], changed["quantity"], changed["amount"]) == (plans["pro"], 3, 8700)
+    assert changed["status"] == "active" and changed["current_period_end"] == view["current_period_end"]
+
+    async def pending_items() -> list[Any]:
+        listed = await raw_client.v1.invoice_items.list_async({"customer": view["customer_id"]})
+        return [item for item in listed.data if item.invoice is None]
+
+    # localstripe's proration: one pending credit of the whole last invoice (Stripe: the unused time).
+    [credit] = await pending_items()
+    assert (credit.amount, credit.description, credit.proration) == (-2700, "Unused time", True)
+    assert await stripe_gateway.call(call) == changed  # the same call again (a replayed batch)
+    assert len(await pending_items()) == 1
+    quantity_only = await stripe_gateway.call(stripe_call(
+        "update_subscription", subscription_id=view["subscription_id"], quantity=1,
+        proration_behavior="none"))
+    assert (quantity_only["plan_id"], quantity_only["quantity"], quantity_only["amount"]) == (plans["pro"], 1,
+                                                                                              2900)
+
+
+async def test_cancel_at_period_end_then_cancel_now(
+        stripe_gateway: StripeGateway, plans: dict[str, str]) -> None:  # noqa: F811
+    view = await subscribed(stripe_gateway, plans["basic"])
+    at_end = await stripe_gateway.call(stripe_call(
+        "update_subscription", subscription_id=view["subscription_id"], cancel_at_period_end=True,
+        metadata={"reason": "user"}))
+    assert at_end["cancel_at_period_end"] is True and at_end["status"] == "active"
+    # Stripe merges the metadata given into the subscription's; localstripe ignores it on an update.
+    assert at_end["ended_at"] is None and at_end["metadata"] == {"user_id": view["user_id"]}
+    unchanged = await stripe_gateway.call(stripe_call("update_subscription",
+                                                      subscription_id=view["subscription_id"]))
+    assert unchanged == at_end
+
+    cancel = stripe_call("cancel_subscription", subscription_id=view["subscription_id"], prorate=True,
+                         invoice_now=False)
+    canceled = await stripe_gateway.call(cancel)
+    assert canceled["status"] == "canceled" and canceled["ended_at"] is not None
+    # Again (a replayed batch, or the user cancelling twice): the canceled subscription, no error.
+    assert await stripe_gateway.call(cancel) == canceled
+    assert await stripe_gateway.call(stripe_call("cancel_subscription",
+                                                 subscription_id=view["subscription_id"])) == canceled
+
+
+async def test_an_overage_invoice_item_is_invoiced_and_charged(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient,  # noqa: F811
+        plans: dict[str, str]) -> None:
+    view = await subscribed(stripe_gateway, plans["basic"])
+    item = await stripe_gateway.call(stripe_call(
+        "create_invoice_item", customer_id=view["customer_id"], subscription_id=view["subscription_id"],
+        amount=450, currency="EUR", description="usage over the plan", metadata={"event_id": "evt-usage-1"}))
+    assert set(item) == {"invoice_item_id"} and item["invoice_item_id"].startswith("ii_")
+    call = stripe_call("create_invoice", customer_id=view["customer_id"],
+                       subscription_id=view["subscription_id"], metadata={"event_id": "evt-usage-1"},
+                       days_until_due=30)
+    invoice = await stripe_gateway.call(call)
+    assert invoice["invoice_id"].startswith("in_") and invoice["invoice_id"] != view["latest_invoice_id"]
+    assert invoice["customer_id"] == view["customer_id"]
+    assert invoice["subscription_id"] == view["subscription_id"]
+    assert (invoice["status"], invoice["currency"], invoice["amount_remaining"]) == ("paid", "EUR", 0)
+    # localstripe bills the subscription's next period with the pending item (Stripe: the item only),
+    # keeps no metadata and has no send_invoice collection (no due date).
+    assert invoice["amount_paid"] == 900 + 450
+    assert invoice["metadata"] == {} and invoice["due_date"] is None
+    lines = await raw_client.v1.invoices.line_items.list_async(invoice["invoice_id"])
+    assert sorted(line.amount for line in lines.data) == [450, 900]
+    assert await stripe_gateway.call(call) == invoice  # replayed: the same invoice, charged once
+    listed = await raw_client.v1.invoices.list_async({"customer": view["customer_id"]})
+    assert len(listed.data) == 2
+
+
+async def test_an_invoice_whose_charge_is_declined_is_answered_open(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient,  # noqa: F811
+        plans: dict[str, str]) -> None:
+    view = await subscribed(stripe_gateway, plans["basic"])
+    await stripe_gateway.call(stripe_call("attach_payment_method", customer_id=view["customer_id"],
+                                          payment_method="pm_card_chargeCustomerFail"))
+    await stripe_gateway.call(stripe_call("create_invoice_item", customer_id=view["customer_id"],
+                                          amount=300, currency="eur", description="overage"))
+    invoice = await stripe_gateway.call(stripe_call("create_invoice", customer_id=view["customer_id"]))
+    assert (invoice["status"], invoice["amount_paid"], invoice["amount_remaining"]) == ("open", 0, 1200)
+    assert invoice["attempt_count"] == 1 and invoice["payment_intent_id"].startswith("pi_")
+    intent = await raw_client.v1.payment_intents.retrieve_async(invoice["payment_intent_id"])
+    assert intent.status == "requires_payment_method"
+
+
+async def test_latest_paid_invoice_and_a_refund_by_its_charge(
+        stripe_gateway: StripeGateway, raw_client: stripe.StripeClient,  # noqa: F811
+        plans: dict[str, str]) -> None:
+    view = await subscribed(stripe_gateway, plans["pro"])
+    await stripe_gateway.call(stripe_call("create_invoice_item", customer_id=view["customer_id"],
+                                          amount=100, currency="eur", description="overage"))
+    second = await stripe_gateway.call(stripe_call("create_invoice", customer_id=view["customer_id"],
+                                                   subscription_id=view["subscription_id"]))
+    latest = await stripe_gateway.call(stripe_call("latest_paid_invoice",
+                                                   subscription_id=view["subscription_id"]))
+    # Both are paid and localstripe dates the second at the period's end: it is the newest.
+    assert latest == second and latest["status"] == "paid"
+    assert latest["charge_id"].startswith("ch_")
+
+    refund = await stripe_gateway.call(stripe_call(
+        "create_refund", charge=latest["charge_id"], amount=1000, reason="SUBSCRIPTION_PRORATION",
+        metadata={"subscription_id": view["subscription_id"]}))
+    assert (refund["status"], refund["amount"], refund["charge"]) == ("succeeded", 1000, latest["charge_id"])
+    assert refund["payment_intent"] is None  # localstripe names only what it was given
+    held = await raw_client.v1.refunds.retrieve_async(refund["id"])
+    assert held.metadata.to_dict() == {"subscription_id": view["subscription_id"],
+                                       "reason": "SUBSCRIPTION_PRORATION"}
+    by_intent = await stripe_gateway.call(stripe_call(
+        "create_refund", payment_intent=latest["payment_intent_id"], charge=latest["charge_id"], amount=200))
+    assert by_intent["payment_intent"] == latest["payment_intent_id"]
+    with pytest.raises(CallRefused) as neither:
+        await stripe_gateway.call(stripe_call("create_refund", amount=100))
+    assert neither.value.code == "missing_argument"
+
+
+async def test_subscription_and_invoice_refusals(
+        stripe_gateway: StripeGateway, plans: dict[str, str]) -> None:  # noqa: F811
+    customer_id, user_id = await customer_with_card(stripe_gateway)
+    with pytest.raises(CallRefused) as no_plan:
+        await stripe_gateway.call(stripe_call("create_subscription", customer_id=customer_id,
+                                              plan_id="plan_nobody_made", metadata={"user_id": user_id}))
+    assert no_plan.value.code == "invalid_request_error" and not transient(no_plan.value)  # 404
+    for operation, args in (("retrieve_subscription", {"subscription_id": "sub_doesnotexist"}),
+                            ("cancel_subscription", {"subscription_id": "sub_doesnotexist"}),
+                            ("retrieve_invoice", {"invoice_id": "in_doesnotexist"}),
+                            ("latest_paid_invoice", {"subscription_id": "sub_doesnotexist"})):
+        with pytest.raises(CallRefused) as missing:
+            await stripe_gateway.call(stripe_call(operation, **args))
+        assert missing.value.code == "invalid_request_error", operation
+    with pytest.raises(CallRefused) as bad_behavior:
+        await stripe_gateway.call(stripe_call("update_subscription", subscription_id="sub_x",
+                                              proration_behavior="always_invoice"))
+    assert bad_behavior.value.code == "invalid_argument"
+    with pytest.raises(CallRefused) as no_user:
+        await stripe_gateway.call(stripe_call("create_customer", email="x@example.com"))
+    assert no_user.value.code == "missing_argument"
+    with pytest.raises(CallRefused) as declined_attach:
+        await stripe_gateway.call(stripe_call("attach_payment_method", customer_id=customer_id,
+                                              payment_method="pm_card_visa_chargeDeclined"))
+    assert not transient(declined_attach.value)

@@ -18,7 +18,9 @@ from typing import Any
 
 import httpx
 
+from streams import access
 from streams.devtools.worker_process import WorkerSubprocess, settings_env
+from streams.settings import Settings
 
 __all__ = ["WorkerProcess", "settings_env"]
 
@@ -34,7 +36,8 @@ class WorkerProcess(WorkerSubprocess):
     failure = AssertionError
 
     def __init__(self, settings_env: Mapping[str, str], port: int, state_dir: Path | str,
-                 *, log_path: Path | str | None = None, name: str = "worker") -> None:
+                 *, log_path: Path | str | None = None, name: str = "worker",
+                 loglevel: str = "info") -> None:
         self.port = port
         self.state_dir = Path(state_dir)
         self.url = f"http://127.0.0.1:{port}"
@@ -46,7 +49,10 @@ class WorkerProcess(WorkerSubprocess):
             "PAYSTREAM_STATE_DIR": str(self.state_dir),
         }
         super().__init__(env, Path(log_path) if log_path else self.state_dir.parent / f"{name}-{port}.log",
-                         name=name, loglevel="info", wait_after_kill=10.0)
+                         name=name, loglevel=loglevel, wait_after_kill=10.0)
+        # The worker's first service token, if it has any (streams.access): for the probes below.
+        tokens = Settings.from_env(env=env).service_token_list
+        self.headers = access.authorization(tokens[0] if tokens else None)
 
     # ------------------------------------------------------------------
 
@@ -76,7 +82,7 @@ class WorkerProcess(WorkerSubprocess):
     def probe(self) -> int | str:
         """Status of GET /orders/<random id>: 404 (JSON) when serving, else why not."""
         try:
-            answer = httpx.get(f"{self.url}/orders/{uuid.uuid4()}", timeout=5.0)
+            answer = httpx.get(f"{self.url}/orders/{uuid.uuid4()}", timeout=5.0, headers=self.headers)
         except httpx.TransportError as exc:
             return type(exc).__name__
         if answer.status_code == 404 and answer.headers.get("content-type", "").startswith(
@@ -87,7 +93,7 @@ class WorkerProcess(WorkerSubprocess):
 
     def routes(self) -> dict[str, dict[str, list[int]]]:
         """Faust's ``/router/``: worker URL -> changelog topic -> partitions."""
-        answer = httpx.get(f"{self.url}/router/", timeout=5.0)
+        answer = httpx.get(f"{self.url}/router/", timeout=5.0, headers=self.headers)
         answer.raise_for_status()
         return answer.json()
 

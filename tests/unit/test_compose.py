@@ -78,3 +78,32 @@ def test_kafka_image_is_the_version_the_local_runner_pins(compose: dict) -> None
 def test_registry_image_keeps_its_state_in_the_schemas_topic(compose: dict) -> None:
     registry_env = compose["services"]["schema-registry"]["environment"]
     assert registry_env["SCHEMA_REGISTRY_KAFKASTORE_TOPIC"] == Settings.from_env(env={}).registry_topic
+
+
+def test_prometheus_scrapes_the_worker_and_the_ingress_on_their_published_ports(compose: dict) -> None:
+    services = compose["services"]
+    prometheus = services["prometheus"]
+    assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
+    assert _published(prometheus)[9090] == 9090
+    config = yaml.safe_load((COMPOSE.parent / "deploy/prometheus/prometheus.yml").read_text())
+    assert config["rule_files"] == ["alerts.yml"]
+    targets = {job["job_name"]: [t for c in job["static_configs"] for t in c["targets"]]
+               for job in config["scrape_configs"]}
+    defaults = Settings.from_env(env={})
+    assert targets == {"paystream-worker": [f"worker:{defaults.worker_web_port}"],
+                       "paystream-ingress": [f"ingress:{defaults.ingress_port}"]}
+    for job in targets.values():
+        host, _, port = job[0].partition(":")
+        assert int(port) in _published(services[host])  # the port the service listens on
+        assert host in prometheus["depends_on"]
+
+
+def test_grafana_is_provisioned_with_the_prometheus_source_and_the_dashboard(compose: dict) -> None:
+    grafana = compose["services"]["grafana"]
+    volumes = grafana["volumes"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in volumes
+    assert "./deploy/grafana/paystream.json:/var/lib/grafana/dashboards/paystream.json:ro" in volumes
+    for volume in volumes:
+        assert (COMPOSE.parent / volume.split(":")[0]).exists(), volume
+    assert "prometheus" in grafana["depends_on"]
+    assert _published(grafana)[3000] == 3000

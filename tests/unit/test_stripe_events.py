@@ -17,6 +17,9 @@ import pytest
 
 from tables.stripe_events import (
     CONSUMED_TYPES,
+    INVOICE_TYPES,
+    PAYMENT_TYPES,
+    SUBSCRIPTION_TYPES,
     NotAStripeEvent,
     PaymentFact,
     RefundFact,
@@ -177,6 +180,34 @@ def test_every_event_of_one_payment_has_the_payment_intents_key(name: str, key: 
     assert event_key(parse_event(raw(fixture(name)))) == key
 
 
+@pytest.mark.parametrize("name, key", [
+    ("customer_subscription_updated", "sub_1QfZ2aLkdIwHu7ixq3mC8Ndv"),
+    ("customer_subscription_updated_2025", "sub_1SkC9xLkdIwHu7ixZ5n2Qa7w"),
+    ("invoice_payment_failed", "in_1QhC2zLkdIwHu7ixRnw2Fail"),
+    ("invoice_paid_2025", "in_1SkC9yLkdIwHu7ixFirst001"),
+])
+def test_subscription_and_invoice_events_are_keyed_by_their_object(name: str, key: str) -> None:
+    event = fixture(name)
+    assert event_key(parse_event(raw(event))) == key
+    # an invoice names its payment intent and charge: still keyed by the invoice
+    event["data"]["object"].update(payment_intent=PI, charge=CH)
+    assert event_key(parse_event(raw(event))) == key
+
+
+@pytest.mark.parametrize("event_type", sorted(SUBSCRIPTION_TYPES))
+def test_every_subscription_type_is_keyed_by_the_subscription(event_type: str) -> None:
+    event = fixture("customer_subscription_updated")
+    event["type"] = event_type
+    assert event_key(parse_event(raw(event))) == "sub_1QfZ2aLkdIwHu7ixq3mC8Ndv"
+
+
+@pytest.mark.parametrize("event_type", sorted(INVOICE_TYPES))
+def test_every_invoice_type_is_keyed_by_the_invoice(event_type: str) -> None:
+    event = fixture("invoice_payment_failed")
+    event["type"] = event_type
+    assert event_key(parse_event(raw(event))) == "in_1QhC2zLkdIwHu7ixRnw2Fail"
+
+
 def test_a_charge_without_payment_intent_is_keyed_by_its_id() -> None:
     event = fixture("charge_refunded")
     event["data"]["object"]["payment_intent"] = None
@@ -208,12 +239,31 @@ def test_an_object_without_id_falls_back_to_the_event_id() -> None:
 # ------------------------------------------------------------- payment_fact
 
 
-def test_consumed_types_are_those_the_payment_flow_reads() -> None:
-    assert CONSUMED_TYPES == {
+def test_consumed_types_are_those_the_payment_subscription_and_invoice_flows_read() -> None:
+    assert PAYMENT_TYPES == {
         "payment_intent.created", "payment_intent.succeeded", "payment_intent.payment_failed",
         "payment_intent.canceled", "charge.refunded", "refund.created", "refund.updated",
         "refund.failed", "charge.refund.updated",
     }
+    assert SUBSCRIPTION_TYPES == {
+        "customer.subscription.created", "customer.subscription.updated", "customer.subscription.deleted",
+        "customer.subscription.paused", "customer.subscription.resumed",
+        "customer.subscription.trial_will_end",
+    }
+    assert INVOICE_TYPES == {
+        "invoice.created", "invoice.finalized", "invoice.paid", "invoice.payment_succeeded",
+        "invoice.payment_failed", "invoice.voided", "invoice.marked_uncollectible", "invoice.overdue",
+        "invoice.updated",
+    }
+    assert CONSUMED_TYPES == PAYMENT_TYPES | SUBSCRIPTION_TYPES | INVOICE_TYPES
+
+
+@pytest.mark.parametrize("event_type", sorted(SUBSCRIPTION_TYPES | INVOICE_TYPES))
+def test_a_subscription_or_invoice_event_is_no_payment_fact(event_type: str) -> None:
+    name = "invoice_payment_failed" if event_type.startswith("invoice.") else "customer_subscription_updated"
+    event = fixture(name)
+    event["type"] = event_type
+    assert payment_fact(parse_event(raw(event))) is None
 
 
 def test_payment_intent_created() -> None:

@@ -128,12 +128,13 @@ async def test_from_settings_reads_the_stripe_settings() -> None:
     settings = Settings.from_env(env={}, stripe_api_key="sk_test_abc", stripe_api_base="http://127.0.0.1:9",
                                  stripe_max_network_retries=5, stripe_timeout_seconds=3.5)
     async with StripeGateway.from_settings(settings) as gateway:
-        expected = GatewayOptions("sk_test_abc", "http://127.0.0.1:9", 5, 3.5, send_reasons=False)
+        expected = GatewayOptions("sk_test_abc", "http://127.0.0.1:9", 5, 3.5, send_reasons=False,
+                                  stand_in=True)
         assert gateway.options == expected
         assert "sk_test_abc" not in repr(gateway.options)
     real = Settings.from_env(env={}, stripe_api_key="sk_live_abc", stripe_api_base="https://api.stripe.com")
     async with StripeGateway.from_settings(real) as gateway:
-        assert gateway.options.send_reasons
+        assert gateway.options.send_reasons and not gateway.options.stand_in
 
 
 async def test_an_unknown_operation_or_missing_argument_is_refused_before_any_request() -> None:
@@ -148,6 +149,36 @@ async def test_an_unknown_operation_or_missing_argument_is_refused_before_any_re
         with pytest.raises(CallRefused) as keyless:
             await gateway.call(Call("stripe", "create_refund", {"payment_intent_id": "pi_1"}, ""))
         assert keyless.value.code == "missing_idempotency_key"
+
+
+@pytest.mark.parametrize(("operation", "args", "missing"), [
+    ("create_customer", {"email": "a@example.com"}, "user_id"),
+    ("attach_payment_method", {"customer_id": "cus_1"}, "payment_method"),
+    ("create_subscription", {"customer_id": "cus_1", "metadata": {}}, "plan_id"),
+    ("retrieve_subscription", {}, "subscription_id"),
+    ("update_subscription", {"plan_id": "plan_1"}, "subscription_id"),
+    ("cancel_subscription", {"prorate": True}, "subscription_id"),
+    ("create_invoice_item", {"customer_id": "cus_1", "amount": 5, "currency": "eur"}, "description"),
+    ("create_invoice", {"subscription_id": "sub_1"}, "customer_id"),
+    ("retrieve_invoice", {}, "invoice_id"),
+    ("latest_paid_invoice", {}, "subscription_id"),
+    ("create_refund", {"amount": 100}, "payment_intent_id or a charge"),
+])
+async def test_a_subscription_or_invoice_call_without_its_argument_is_refused_before_any_request(
+        operation: str, args: dict[str, object], missing: str) -> None:
+    async with StripeGateway(GatewayOptions("sk_test_x", "http://127.0.0.1:9", 0, 1.0)) as gateway:
+        assert operation in gateway.operations
+        with pytest.raises(CallRefused) as refused:
+            await gateway.call(Call("stripe", operation, args, "k"))
+    assert refused.value.code == "missing_argument" and missing in str(refused.value)
+
+
+async def test_a_proration_behavior_stripe_does_not_take_here_is_refused_before_any_request() -> None:
+    async with StripeGateway(GatewayOptions("sk_test_x", "http://127.0.0.1:9", 0, 1.0)) as gateway:
+        with pytest.raises(CallRefused) as refused:
+            await gateway.call(Call("stripe", "update_subscription", {
+                "subscription_id": "sub_1", "proration_behavior": "always_invoice"}, "k"))
+    assert refused.value.code == "invalid_argument"
 
 
 def test_intent_view_takes_ids_and_the_decline_code() -> None:

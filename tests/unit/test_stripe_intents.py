@@ -16,11 +16,25 @@ from typing import Any
 
 import pytest
 
-from streams.catalog import PAYMENT_COMMANDS, PAYMENT_INTENT_LINKS, PAYMENT_SERVICE, STRIPE_EVENTS, id_field
+from streams.catalog import (
+    INVOICE_COMMANDS,
+    PAYMENT_COMMANDS,
+    PAYMENT_INTENT_LINKS,
+    PAYMENT_SERVICE,
+    STRIPE_EVENTS,
+    SUBSCRIPTION_COMMANDS,
+    id_field,
+)
 from tables import aggregate
 from tables.aggregate import DUPLICATE, Decision, Invalid
 from tables.payment_state import payment_flow
-from tables.stripe_events import CONSUMED_TYPES, event_from_dict, payment_fact
+from tables.stripe_events import (
+    INVOICE_TYPES,
+    PAYMENT_TYPES,
+    SUBSCRIPTION_TYPES,
+    event_from_dict,
+    payment_fact,
+)
 from tables.stripe_intents import (
     MAX_APPLIED,
     STRIPE_INTENTS,
@@ -30,6 +44,7 @@ from tables.stripe_intents import (
     link_payment_intent,
     load,
 )
+from tables.stripe_objects import invoice_view, subscription_view
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "stripe"
 ORDER = "ord_7f3c2a9e1b5d4c08"
@@ -96,7 +111,8 @@ def test_the_flow_table_is_keyed_by_the_intent_and_names_the_seed_handler() -> N
     assert STRIPE_INTENTS.producer == PAYMENT_SERVICE and STRIPE_INTENTS.command_topic is None
     steps = {s.input: (s.handler, s.emits, s.sends, s.calls) for s in STRIPE_INTENTS.steps}
     assert steps == {
-        STRIPE_EVENTS: ("handle_stripe_webhook", (), (PAYMENT_COMMANDS,), None),
+        STRIPE_EVENTS: ("handle_stripe_webhook", (), (PAYMENT_COMMANDS, SUBSCRIPTION_COMMANDS,
+                                                      INVOICE_COMMANDS), None),
         PAYMENT_INTENT_LINKS: ("link_payment_intent", (), (), None),
     }
     assert set(STRIPE_INTENTS.topics) == {STRIPE_EVENTS, PAYMENT_INTENT_LINKS}
@@ -108,9 +124,9 @@ def test_the_kernel_identifies_a_stripe_event_by_its_stripe_id() -> None:
     assert id_field(STRIPE_EVENTS) == "id"
 
 
-def test_every_consumed_type_has_a_fixture_here() -> None:
+def test_every_payment_type_has_a_fixture_here() -> None:
     types = {webhook(name)["type"] for name in WITH_METADATA + WITHOUT_METADATA}
-    assert types == CONSUMED_TYPES
+    assert types == PAYMENT_TYPES
 
 
 # --------------------------------------------------------------------------
@@ -218,6 +234,108 @@ def test_the_index_remembers_a_bounded_number_of_stripe_event_ids() -> None:
         row = decide(row, webhook("payment_intent_succeeded", event_id=f"evt_n{n}")).row
     assert row is not None and len(row["applied"]) == MAX_APPLIED
     assert row["applied"][-1] == f"evt_n{MAX_APPLIED + 2}" and "evt_n0" not in row["applied"]
+
+
+# --------------------------------------------------------------------------
+# Subscriptions and invoices
+
+SUB = "sub_1QfZ2aLkdIwHu7ixq3mC8Ndv"
+INVOICE = "in_1QhC2zLkdIwHu7ixRnw2Fail"
+
+
+def object_forwarded(decision: Decision, topic: str, key_field: str) -> dict[str, Any]:
+    """The one command a decision forwards to ``topic``, as that domain's agent reads it."""
+    (send,) = decision.send
+    assert send.topic == topic
+    record = json.loads(json.dumps(send.value))
+    assert send.key == record[key_field]
+    return aggregate.command_message(record, key_field)
+
+
+@pytest.mark.parametrize("event_type", sorted(SUBSCRIPTION_TYPES))
+def test_a_subscription_event_goes_to_the_subscription_as_a_stripe_command(event_type: str) -> None:
+    event = webhook("customer_subscription_updated")
+    event["type"] = event_type
+    decision = decide(None, event)
+    command = object_forwarded(decision, SUBSCRIPTION_COMMANDS, "subscription_id")
+    assert command["command"] == "stripe" and command["subscription_id"] == SUB
+    assert command["command_id"] == aggregate.derived_id("stripe", event["id"])
+    assert decision.send[0].value["causation_id"] == event["id"]
+    assert command["stripe_event_id"] == event["id"] and command["stripe_type"] == event_type
+    assert command["occurred_at_ms"] == event["created"] * 1000
+    assert command["previous"] == ["items"]
+    assert command["subscription"] == subscription_view(event["data"]["object"])
+    assert "invoice" not in command
+    assert decision.row == {"applied": [event["id"]]}
+
+
+@pytest.mark.parametrize("event_type", sorted(INVOICE_TYPES))
+def test_an_invoice_event_goes_to_the_invoice_as_a_stripe_command(event_type: str) -> None:
+    event = webhook("invoice_payment_failed")
+    event["type"] = event_type
+    decision = decide(None, event)
+    command = object_forwarded(decision, INVOICE_COMMANDS, "invoice_id")
+    assert command["command"] == "stripe" and command["invoice_id"] == INVOICE
+    assert command["command_id"] == aggregate.derived_id("stripe", event["id"])
+    assert command["stripe_event_id"] == event["id"] and command["stripe_type"] == event_type
+    assert command["occurred_at_ms"] == event["created"] * 1000
+    assert command["previous"] == []  # the event has no previous_attributes
+    assert command["invoice"] == invoice_view(event["data"]["object"])
+    assert command["invoice"]["subscription_id"] == SUB
+
+
+def test_the_2025_shapes_are_forwarded_with_their_views() -> None:
+    sub_event = webhook("customer_subscription_updated_2025")
+    command = object_forwarded(decide(None, sub_event), SUBSCRIPTION_COMMANDS, "subscription_id")
+    assert command["previous"] == ["cancel_at", "cancel_at_period_end", "canceled_at", "cancellation_details"]
+    assert command["subscription"]["cancel_at_period_end"] is True
+    assert command["subscription"]["current_period_end"] == 1766822400_000
+    invoice_event = webhook("invoice_paid_2025")
+    command = object_forwarded(decide(None, invoice_event), INVOICE_COMMANDS, "invoice_id")
+    assert command["invoice"]["subscription_id"] == "sub_1SkC9xLkdIwHu7ixZ5n2Qa7w"
+    assert command["invoice"]["status"] == "paid"
+
+
+@pytest.mark.parametrize("name", ["customer.subscription.created", "customer.subscription.deleted",
+                                  "invoice.created", "invoice.payment_succeeded", "invoice.payment_failed"])
+def test_localstripes_webhooks_are_forwarded(name: str) -> None:
+    event = json.loads((FIXTURES / "localstripe" / f"{name}.json").read_bytes())
+    decision = decide(None, event)
+    (send,) = decision.send
+    assert send.topic == (INVOICE_COMMANDS if name.startswith("invoice.") else SUBSCRIPTION_COMMANDS)
+    assert send.key == event["data"]["object"]["id"]
+
+
+def test_a_redelivered_subscription_event_is_a_duplicate_and_another_is_forwarded() -> None:
+    event = webhook("customer_subscription_updated")
+    row = decide(None, event).row
+    assert decide(row, event) == DUPLICATE
+    later = webhook("customer_subscription_updated", event_id="evt_later_one", status="past_due")
+    decision = decide(row, later)
+    command = object_forwarded(decision, SUBSCRIPTION_COMMANDS, "subscription_id")
+    assert command["subscription"]["status"] == "past_due"
+    assert decision.row == {"applied": [event["id"], "evt_later_one"]}
+
+
+def test_a_replayed_invoice_event_forwards_the_same_command() -> None:
+    event = webhook("invoice_payment_failed")
+    first = object_forwarded(decide(None, event, NOW), INVOICE_COMMANDS, "invoice_id")
+    again = object_forwarded(decide(None, event, NOW + 5_000), INVOICE_COMMANDS, "invoice_id")
+    first.pop("issued_at"), again.pop("issued_at")
+    assert first == again
+
+
+@pytest.mark.parametrize("event", [
+    webhook("customer_subscription_updated", id=None),
+    webhook("customer_subscription_updated", object="invoice"),
+    webhook("customer_subscription_updated", current_period_end="tomorrow"),
+    webhook("invoice_payment_failed", id=None),
+    webhook("invoice_payment_failed", amount_due=None),
+    webhook("invoice_paid_2025", metadata="user_id"),
+])
+def test_a_subscription_or_invoice_that_cannot_be_read_is_invalid(event: dict[str, Any]) -> None:
+    with pytest.raises(Invalid):
+        decide(None, event)
 
 
 # --------------------------------------------------------------------------

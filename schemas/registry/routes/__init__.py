@@ -6,6 +6,7 @@ from aiohttp import web
 
 from schemas.registry.routes import (
     associations,
+    asyncapi,
     compatibility,
     config,
     contexts,
@@ -15,7 +16,7 @@ from schemas.registry.routes import (
     subjects,
 )
 
-ROUTERS = (root, schemas, subjects, compatibility, config, mode, contexts, associations)
+ROUTERS = (root, schemas, subjects, compatibility, config, mode, contexts, associations, asyncapi)
 
 
 def add_routes(app: web.Application) -> None:

@@ -13,6 +13,8 @@ Parts (``--parts``, by name or number):
 2. ``deadlines``: order.expired lag for a burst and for many pending (:mod:`.deadlines`)
 3. ``memory``: RSS, warm restart, cold recovery with many orders (:mod:`.memory`)
 4. ``failover``: SIGKILL + restart -> partitions served again (:mod:`.failover`)
+5. ``metrics``: the lifecycle with Prometheus metrics on vs off (:mod:`.metrics_overhead`);
+   not in the default parts: ``--parts metrics``
 
 Prints numbers, asserts nothing about speed.
 """
@@ -32,9 +34,10 @@ from streams.devtools.bench.deadlines import DeadlineOptions, run_deadlines
 from streams.devtools.bench.failover import run_failover
 from streams.devtools.bench.lifecycle import LifecycleOptions, run_lifecycle
 from streams.devtools.bench.memory import run_memory
+from streams.devtools.bench.metrics_overhead import MetricsOptions, run_metrics
 from streams.settings import Settings
 
-PARTS = ("lifecycle", "deadlines", "memory", "failover")
+PARTS = ("lifecycle", "deadlines", "memory", "failover", "metrics")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +54,7 @@ class OrdersOptions:
     expiry_window: float = 30.0
     table_orders: int = 1_000_000
     kills: int = 3
+    rounds: int = 2  # metrics: pairs of rounds (on, off), order alternating
 
 
 #: ``--quick``: a smoke run of every part in a few minutes, numbers not meant to be quoted.
@@ -111,6 +115,10 @@ def run_orders(settings: Settings, options: OrdersOptions) -> int:
             elif part == "memory":
                 attempt(f"memory: a worker with {options.table_orders:,} orders",
                         lambda: run_memory(run, options.table_orders))
+            elif part == "metrics":
+                attempt(f"metrics: order lifecycles with metrics on vs off, {2 * options.rounds} rounds",
+                        lambda: run_metrics(run, MetricsOptions(options.concurrency, options.warmup,
+                                                                options.duration, options.rounds)))
             elif part == "failover":
                 attempt(f"failover: SIGKILL + immediate restart, {options.kills} times",
                         lambda: run_failover(run, options.kills))

@@ -1,0 +1,51 @@
+"""The invoice API on the worker's web server: ``GET /invoices/{invoice_id}``.
+
+Answers the invoice as paystream last learned it from Stripe
+(:func:`tables.invoice_state.invoice_view`: status, amounts, due date,
+attempt count, the overdue days announced), from the worker that owns the
+invoice's partition (a request reaching another worker is forwarded once).
+404 for an invoice paystream has not heard of; 503 while partitions move.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from faust import web as faust_web
+
+from agents.invoices import InvoiceService
+from streams.aggregate_api import AggregateApi, error, router_of
+from streams.routing import Router
+
+
+class InvoiceApi(AggregateApi):
+    """The handlers; the Faust view below only binds them to a path."""
+
+    def __init__(self, app: Any, service: InvoiceService, router: Router) -> None:
+        super().__init__(app, router)
+        self.service = service
+
+    async def get(self, request: web.Request, invoice_id: str) -> web.Response:
+        invoices = self.service.invoices
+
+        async def here() -> web.Response:
+            invoice = invoices.row(invoice_id)
+            if invoice is None:
+                return self.not_readable(f"invoice {invoice_id}") or error(
+                    404, "not_found", f"paystream knows no invoice {invoice_id}")
+            return web.json_response(invoices.flow.view(invoice))
+
+        return await self.owned(invoices, invoice_id, request, here)
+
+
+def register(app: Any) -> InvoiceApi:
+    """Bind the invoice endpoint to the Faust app's web server (after ``agents.invoices``)."""
+    api = InvoiceApi(app, app.invoices, router_of(app))
+
+    @app.page("/invoices/{invoice_id}")
+    class InvoiceResource(faust_web.View):
+        async def get(self, request: web.Request, invoice_id: str) -> web.Response:
+            return await api.get(request, invoice_id)
+
+    return api
