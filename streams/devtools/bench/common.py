@@ -16,7 +16,6 @@ import math
 import os
 import platform
 import shutil
-import socket
 import threading
 import time
 import uuid
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from streams import catalog
+from streams.devtools.host import free_port
 from streams.devtools.worker_process import WorkerSubprocess, settings_env
 from streams.settings import Settings
 
@@ -117,12 +117,6 @@ def cpu_seconds(pid: int | str = "self") -> float:
     except OSError:
         return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def partition_of(key: bytes, partitions: int = PARTITIONS) -> int:
