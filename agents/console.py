@@ -54,7 +54,6 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
-from faust import web as faust_web
 from mode import Service
 from yarl import URL
 
@@ -498,6 +497,8 @@ def _authority(origin: str) -> str | None:
 
 def register(app: Any) -> Console:
     """Serve the console on ``app``'s web server (after every domain registered)."""
+    from streams.aggregate_api import serve
+
     sampler = None
     if getattr(app, "metrics", None) is not None:
         sampler = RateSampler(app.metrics)
@@ -508,19 +509,6 @@ def register(app: Any) -> Console:
     by_path: dict[str, dict[str, Handler]] = {}
     for method, path, handler in console.routes():
         by_path.setdefault(path, {})[method.lower()] = handler
-    for path, handlers in by_path.items():
-        app.page(path)(_view(handlers))
+    serve(app, by_path, path_parameters=False)
     app.console = console
     return console
-
-
-def _view(handlers: Mapping[str, Handler]) -> type[faust_web.View]:
-    """A Faust view overriding just the methods of ``handlers`` (path parameters stay in match_info)."""
-
-    def method(handler: Handler) -> Callable[..., Awaitable[web.StreamResponse]]:
-        async def answer(self: faust_web.View, request: web.Request, **_: Any) -> web.StreamResponse:
-            return await handler(request)
-
-        return answer
-
-    return type("ConsoleView", (faust_web.View,), {name: method(h) for name, h in handlers.items()})

@@ -12,10 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from faust import web as faust_web
 
 from agents.invoices import InvoiceService
-from streams.aggregate_api import AggregateApi, error, router_of
+from streams.aggregate_api import AggregateApi, error, router_of, serve
 from streams.routing import Router
 
 
@@ -43,9 +42,5 @@ def register(app: Any) -> InvoiceApi:
     """Bind the invoice endpoint to the Faust app's web server (after ``agents.invoices``)."""
     api = InvoiceApi(app, app.invoices, router_of(app))
 
-    @app.page("/invoices/{invoice_id}")
-    class InvoiceResource(faust_web.View):
-        async def get(self, request: web.Request, invoice_id: str) -> web.Response:
-            return await api.get(request, invoice_id)
-
+    serve(app, {"/invoices/{invoice_id}": {"get": api.get}})
     return api

@@ -23,7 +23,6 @@ import uuid
 from typing import Any
 
 from aiohttp import web
-from faust import web as faust_web
 
 from agents.client_checks import checked, user_refused
 from agents.orders import OrderService
@@ -37,6 +36,7 @@ from streams.aggregate_api import (
     idempotency_key,
     json_body,
     router_of,
+    serve,
     unavailable,
 )
 from streams.kernel import Aggregate
@@ -243,32 +243,11 @@ def register(app: Any) -> OrderApi:
     """Bind the order endpoints to the Faust app's web server (after ``agents.orders``)."""
     api = OrderApi(app, app.orders, router_of(app))
 
-    @app.page("/orders")
-    class Orders(faust_web.View):
-        async def post(self, request: web.Request) -> web.Response:
-            return await api.create(request)
-
-    @app.page("/orders/{order_id}")
-    class OrderResource(faust_web.View):
-        async def get(self, request: web.Request, order_id: str) -> web.Response:
-            return await api.get(request, order_id)
-
-        async def patch(self, request: web.Request, order_id: str) -> web.Response:
-            return await api.patch(request, order_id)
-
-    @app.page("/orders/{order_id}/cancel")
-    class CancelOrder(faust_web.View):
-        async def post(self, request: web.Request, order_id: str) -> web.Response:
-            return await api.cancel(request, order_id)
-
-    @app.page("/orders/{order_id}/fulfill")
-    class FulfillOrder(faust_web.View):
-        async def post(self, request: web.Request, order_id: str) -> web.Response:
-            return await api.fulfill(request, order_id)
-
-    @app.page("/users/{user_id}/orders")
-    class UserOrders(faust_web.View):
-        async def get(self, request: web.Request, user_id: str) -> web.Response:
-            return await api.user_orders_of(request, user_id)
-
+    serve(app, {
+        "/orders": {"post": api.create},
+        "/orders/{order_id}": {"get": api.get, "patch": api.patch},
+        "/orders/{order_id}/cancel": {"post": api.cancel},
+        "/orders/{order_id}/fulfill": {"post": api.fulfill},
+        "/users/{user_id}/orders": {"get": api.user_orders_of},
+    })
     return api

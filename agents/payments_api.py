@@ -23,10 +23,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from faust import web as faust_web
 
 from agents.payments import PaymentService
-from streams.aggregate_api import AggregateApi, BadRequest, error, json_body, router_of
+from streams.aggregate_api import AggregateApi, BadRequest, error, json_body, router_of, serve
 from streams.routing import Router
 
 REFUND_FIELDS = frozenset({"amount", "reason"})
@@ -63,11 +62,11 @@ class PaymentApi(AggregateApi):
 
         return await self.owned(self.service.payments, order_id, request, here)
 
-    async def get(self, request: web.Request, intent_id: str) -> web.Response:
-        return await self._by_intent(request, intent_id,
+    async def get(self, request: web.Request, payment_intent_id: str) -> web.Response:
+        return await self._by_intent(request, payment_intent_id,
                                      lambda order_id: self.payment(request, order_id))
 
-    async def refund(self, request: web.Request, intent_id: str) -> web.Response:
+    async def refund(self, request: web.Request, payment_intent_id: str) -> web.Response:
         try:
             body = await json_body(request)
             unknown = sorted(set(body) - REFUND_FIELDS)
@@ -84,26 +83,16 @@ class PaymentApi(AggregateApi):
 
             return await self.owned(self.service.payments, order_id, request, here)
 
-        return await self._by_intent(request, intent_id, on_owner)
+        return await self._by_intent(request, payment_intent_id, on_owner)
 
 
 def register(app: Any) -> PaymentApi:
     """Bind the payment endpoints to the Faust app's web server (after ``agents.payments``)."""
     api = PaymentApi(app, app.payments, router_of(app))
 
-    @app.page("/payments/{payment_intent_id}")
-    class PaymentResource(faust_web.View):
-        async def get(self, request: web.Request, payment_intent_id: str) -> web.Response:
-            return await api.get(request, payment_intent_id)
-
-    @app.page("/payments/{payment_intent_id}/refunds")
-    class Refunds(faust_web.View):
-        async def post(self, request: web.Request, payment_intent_id: str) -> web.Response:
-            return await api.refund(request, payment_intent_id)
-
-    @app.page("/orders/{order_id}/payment")
-    class OrderPayment(faust_web.View):
-        async def get(self, request: web.Request, order_id: str) -> web.Response:
-            return await api.payment(request, order_id)
-
+    serve(app, {
+        "/payments/{payment_intent_id}": {"get": api.get},
+        "/payments/{payment_intent_id}/refunds": {"post": api.refund},
+        "/orders/{order_id}/payment": {"get": api.payment},
+    })
     return api

@@ -34,7 +34,6 @@ import uuid
 from typing import Any
 
 from aiohttp import web
-from faust import web as faust_web
 
 from agents.client_checks import checked, user_refused
 from agents.subscriptions import SubscriptionService
@@ -45,6 +44,7 @@ from streams.aggregate_api import (
     idempotency_key,
     json_body,
     router_of,
+    serve,
 )
 from streams.routing import Router
 from tables import aggregate, subscription_index
@@ -189,24 +189,10 @@ def register(app: Any) -> SubscriptionApi:
     """Bind the subscription endpoints to the Faust app's web server (after ``agents.subscriptions``)."""
     api = SubscriptionApi(app, app.subscriptions, router_of(app))
 
-    @app.page("/subscriptions")
-    class Subscriptions(faust_web.View):
-        async def post(self, request: web.Request) -> web.Response:
-            return await api.create(request)
-
-    @app.page("/subscriptions/{subscription_id}")
-    class SubscriptionResource(faust_web.View):
-        async def get(self, request: web.Request, subscription_id: str) -> web.Response:
-            return await api.get(request, subscription_id)
-
-    @app.page("/subscriptions/{subscription_id}/cancel")
-    class CancelSubscription(faust_web.View):
-        async def post(self, request: web.Request, subscription_id: str) -> web.Response:
-            return await api.cancel(request, subscription_id)
-
-    @app.page("/users/{user_id}/subscriptions")
-    class UserSubscriptions(faust_web.View):
-        async def get(self, request: web.Request, user_id: str) -> web.Response:
-            return await api.of_user(request, user_id)
-
+    serve(app, {
+        "/subscriptions": {"post": api.create},
+        "/subscriptions/{subscription_id}": {"get": api.get},
+        "/subscriptions/{subscription_id}/cancel": {"post": api.cancel},
+        "/users/{user_id}/subscriptions": {"get": api.of_user},
+    })
     return api

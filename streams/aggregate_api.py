@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from faust import web as faust_web
 
 from streams.kernel import Aggregate, transient
 from streams.routing import NotOwnerYet, Router
@@ -77,6 +78,34 @@ def idempotency_key(request: web.Request) -> str | None:
     if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY_LENGTH:
         raise BadRequest(f"{IDEMPOTENCY_HEADER} must be 1..{MAX_IDEMPOTENCY_KEY_LENGTH} characters")
     return key
+
+
+#: A request handler: ``handler(request, **path parameters)`` (see :func:`serve`).
+Handler = Callable[..., Awaitable[web.StreamResponse]]
+
+
+def serve(app: Any, routes: Mapping[str, Mapping[str, Handler]], *,
+          path_parameters: bool = True) -> None:
+    """Bind each ``path: {method: handler}`` of ``routes`` to the Faust app's web server.
+
+    One Faust view per path (``app.page``, so the app's middlewares, the token check
+    among them, cover it) with just the methods given (lower-case: ``get``, ``post``,
+    ...); aiohttp answers any other method with 405.  A handler is called as
+    ``handler(request, **path parameters)``, or ``handler(request)`` with the path
+    parameters left in ``request.match_info`` when ``path_parameters`` is false.
+    """
+    for path, handlers in routes.items():
+        app.page(path, name=path)(_view(handlers, path_parameters))
+
+
+def _view(handlers: Mapping[str, Handler], path_parameters: bool) -> type[faust_web.View]:
+    def method(handler: Handler) -> Handler:
+        async def answer(self: faust_web.View, request: web.Request, **params: Any) -> web.StreamResponse:
+            return await (handler(request, **params) if path_parameters else handler(request))
+
+        return answer
+
+    return type("Route", (faust_web.View,), {name: method(h) for name, h in handlers.items()})
 
 
 def router_of(app: Any) -> Router:

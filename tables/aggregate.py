@@ -291,6 +291,15 @@ def _escaped(part: object) -> str:
     return str(part).replace("\\", "\\\\").replace("/", "\\/")
 
 
+def remembered(ids: list[str], input_id: str, limit: int) -> list[str]:
+    """The applied-input ids of a row after applying ``input_id``: the newest ``limit`` kept.
+
+    ``ids`` itself when ``input_id`` is already its last, else a new list:
+    ``ids`` is never changed.
+    """
+    return ids if ids[-1:] == [input_id] else [*ids, input_id][-limit:]
+
+
 def command(
     verb: str,
     key_field: str,

@@ -302,8 +302,7 @@ def _merged(row: Invoice | None, fact: Invoice, fact_at: int | None) -> Invoice:
 
 
 def _applied(invoice: Invoice, input_id: str, now_ms: int) -> Invoice:
-    ids = invoice.applied_ids if invoice.applied_ids[-1:] == [input_id] else \
-        [*invoice.applied_ids, input_id][-MAX_APPLIED_IDS:]
+    ids = aggregate.remembered(invoice.applied_ids, input_id, MAX_APPLIED_IDS)
     return dataclasses.replace(invoice, applied_ids=ids, updated_at_ms=now_ms)
 
 

@@ -242,8 +242,7 @@ def fact_event_id(topic: str, fact_id: str) -> str:
 
 
 def _evolve(payment: Payment, applied_id: str, now_ms: int, **changes: Any) -> Payment:
-    ids = payment.applied_ids if payment.applied_ids[-1:] == [applied_id] else \
-        [*payment.applied_ids, applied_id][-MAX_APPLIED_IDS:]
+    ids = aggregate.remembered(payment.applied_ids, applied_id, MAX_APPLIED_IDS)
     base = Payment.from_dict(payment.to_dict())  # a deep copy: the caller's row stays as it was
     return dataclasses.replace(base, **changes, applied_ids=ids, updated_at_ms=now_ms)
 

@@ -45,6 +45,7 @@ from types import MappingProxyType
 from typing import Any
 
 from schemas.contracts import enum_symbols
+from tables.stripe_objects import currency_code, nonempty, ref_id, short_repr
 
 
 class NotAStripeEvent(ValueError):
@@ -230,7 +231,7 @@ def event_from_dict(value: Mapping[str, Any]) -> StripeEvent:
         raise NotAStripeEvent("event has no Stripe event id (a string 'evt_...')")
     kind = value.get("object", "event")
     if kind != "event":
-        raise NotAStripeEvent(f"{event_id}: object is {_short(kind)}, not 'event'")
+        raise NotAStripeEvent(f"{event_id}: object is {short_repr(kind)}, not 'event'")
     event_type = value.get("type")
     if not isinstance(event_type, str) or not event_type:
         raise NotAStripeEvent(f"{event_id}: no event type")
@@ -270,11 +271,11 @@ def event_key(event: StripeEvent) -> str:
     """
     obj = event.object
     if event.type in _REFUND_TYPES or event.type.startswith("refund."):
-        key = _ref(obj.get("payment_intent")) or _ref(obj.get("charge")) or _ref(obj.get("id"))
+        key = ref_id(obj.get("payment_intent")) or ref_id(obj.get("charge")) or ref_id(obj.get("id"))
     elif event.type.startswith("charge."):
-        key = _ref(obj.get("payment_intent")) or _ref(obj.get("id"))
+        key = ref_id(obj.get("payment_intent")) or ref_id(obj.get("id"))
     else:
-        key = _ref(obj.get("id"))
+        key = ref_id(obj.get("id"))
     return key or event.id
 
 
@@ -291,7 +292,7 @@ def payment_fact(event: StripeEvent) -> PaymentFact | None:
     obj = event.object
     if event.type in _INTENT_KINDS:
         _expect_object(event, "payment_intent")
-        pi_id = _ref(obj.get("id"))
+        pi_id = ref_id(obj.get("id"))
         if pi_id is None:
             raise NotAStripeEvent(f"{event.id}: {event.type} without a PaymentIntent id")
         error = obj.get("last_payment_error")
@@ -301,13 +302,14 @@ def payment_fact(event: StripeEvent) -> PaymentFact | None:
             kind=_INTENT_KINDS[event.type],
             **_common(event, pi_id),
             amount=_amount(event, obj, "amount"),
-            error_code=(_str(error.get("decline_code")) or _str(error.get("code"))) if failed else None,
-            error_message=_str(error.get("message")) if failed else None,
-            payment_method=_ref(obj.get("payment_method")) or _ref(error.get("payment_method")),
+            error_code=(nonempty(error.get("decline_code")) or nonempty(error.get("code")))
+            if failed else None,
+            error_message=nonempty(error.get("message")) if failed else None,
+            payment_method=ref_id(obj.get("payment_method")) or ref_id(error.get("payment_method")),
         )
     if event.type == "charge.refunded":
         _expect_object(event, "charge")
-        pi_id = _ref(obj.get("payment_intent"))
+        pi_id = ref_id(obj.get("payment_intent"))
         if pi_id is None:
             raise NotAStripeEvent(f"{event.id}: charge.refunded for a charge without a PaymentIntent")
         listed = obj.get("refunds")
@@ -315,16 +317,16 @@ def payment_fact(event: StripeEvent) -> PaymentFact | None:
         refunds = tuple(_refund_fact(event, r) for r in data) if isinstance(data, list) else ()
         return PaymentFact(
             kind="refunded", **_common(event, pi_id), amount=_amount(event, obj, "amount"),
-            error_code=None, error_message=None, payment_method=_ref(obj.get("payment_method")),
+            error_code=None, error_message=None, payment_method=ref_id(obj.get("payment_method")),
             refunds=refunds,
         )
     _expect_object(event, "refund")
-    pi_id = _ref(obj.get("payment_intent"))
+    pi_id = ref_id(obj.get("payment_intent"))
     if pi_id is None:
         raise NotAStripeEvent(f"{event.id}: {event.type} for a refund without a PaymentIntent")
     return PaymentFact(
         kind="refunded", **_common(event, pi_id), amount=None,
-        error_code=None, error_message=None, payment_method=_ref(obj.get("payment_method")),
+        error_code=None, error_message=None, payment_method=ref_id(obj.get("payment_method")),
         refunds=(_refund_fact(event, obj),),
     )
 
@@ -336,30 +338,30 @@ def _common(event: StripeEvent, pi_id: str) -> dict[str, Any]:
         "stripe_event_id": event.id,
         "occurred_at_ms": event.created * 1000,
         "payment_intent_id": pi_id,
-        "order_id": _str(metadata.get("order_id")),
-        "user_id": _str(metadata.get("user_id")),
-        "currency": _currency(obj.get("currency")),
-        "status": _str(obj.get("status")),
+        "order_id": nonempty(metadata.get("order_id")),
+        "user_id": nonempty(metadata.get("user_id")),
+        "currency": currency_code(obj.get("currency")),
+        "status": nonempty(obj.get("status")),
     }
 
 
 def _refund_fact(event: StripeEvent, refund: Any) -> RefundFact:
     if not isinstance(refund, Mapping):
         raise NotAStripeEvent(f"{event.id}: a refund is not an object")
-    refund_id = _str(refund.get("id"))
+    refund_id = nonempty(refund.get("id"))
     if refund_id is None:
         raise NotAStripeEvent(f"{event.id}: a refund without an id")
     amount = refund.get("amount")
     if not _is_int(amount) or amount < 0:
         raise NotAStripeEvent(f"{event.id}: refund {refund_id} has no integer amount")
-    currency = _currency(refund.get("currency"))
+    currency = currency_code(refund.get("currency"))
     if currency is None:
         raise NotAStripeEvent(f"{event.id}: refund {refund_id} has no currency")
     return RefundFact(
         refund_id=refund_id, amount=amount, currency=currency,
-        status=_str(refund.get("status")) or "", reason=_refund_reason(_metadata(event, refund),
+        status=nonempty(refund.get("status")) or "", reason=_refund_reason(_metadata(event, refund),
                                                                        refund.get("reason")),
-        command_id=_str(_metadata(event, refund).get("command_id")),
+        command_id=nonempty(_metadata(event, refund).get("command_id")),
     )
 
 
@@ -376,7 +378,7 @@ def _refund_reason(metadata: Mapping[str, Any], stripe_reason: Any) -> str:
 def _expect_object(event: StripeEvent, kind: str) -> None:
     found = event.object.get("object", kind)
     if found != kind:
-        raise NotAStripeEvent(f"{event.id}: {event.type} carries {_short(found)}, not a {kind}")
+        raise NotAStripeEvent(f"{event.id}: {event.type} carries {short_repr(found)}, not a {kind}")
 
 
 def _metadata(event: StripeEvent, obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -401,21 +403,6 @@ def _amount(event: StripeEvent, obj: Mapping[str, Any], name: str) -> int | None
     return int(value)
 
 
-def _ref(value: Any) -> str | None:
-    """An id field: the id string, or the id of an expanded object."""
-    if isinstance(value, dict):
-        value = value.get("id")
-    return value if isinstance(value, str) and value else None
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) and value else None
-
-
-def _currency(value: Any) -> str | None:
-    return value.upper() if isinstance(value, str) and value else None
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -434,8 +421,3 @@ def _json_kind(value: Any) -> str:
     if value is None:
         return "null"
     return "number"
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -71,7 +71,7 @@ def subscription_view(obj: Mapping[str, Any]) -> dict[str, Any]:
     items = _items(where, obj)
     first = items[0] if items else {}
     price = _first_object(first.get("price"), first.get("plan"), obj.get("plan"))
-    plan_id = _ref(first.get("price")) or _ref(first.get("plan")) or _ref(obj.get("plan"))
+    plan_id = ref_id(first.get("price")) or ref_id(first.get("plan")) or ref_id(obj.get("plan"))
     quantity = _int(where, "quantity", first.get("quantity"))
     if quantity is None:
         quantity = _int(where, "quantity", obj.get("quantity"))
@@ -85,20 +85,21 @@ def subscription_view(obj: Mapping[str, Any]) -> dict[str, Any]:
     metadata = _metadata(where, obj.get("metadata"))
     return {
         "subscription_id": where,
-        "customer_id": _ref(obj.get("customer")),
-        "user_id": _str(metadata.get("user_id")),
-        "status": _str(obj.get("status")),
+        "customer_id": ref_id(obj.get("customer")),
+        "user_id": nonempty(metadata.get("user_id")),
+        "status": nonempty(obj.get("status")),
         "plan_id": plan_id,
         "quantity": quantity,
         "amount": unit * quantity if unit is not None else None,
-        "currency": _currency(obj.get("currency")) or (_currency(price.get("currency")) if price else None),
+        "currency": (currency_code(obj.get("currency"))
+                     or (currency_code(price.get("currency")) if price else None)),
         "current_period_start": _period(where, obj, first, "current_period_start"),
         "current_period_end": _period(where, obj, first, "current_period_end"),
         "cancel_at_period_end": obj.get("cancel_at_period_end") is True,
         "cancel_at": _ms(where, "cancel_at", obj.get("cancel_at")),
         "canceled_at": _ms(where, "canceled_at", obj.get("canceled_at")),
         "ended_at": _ms(where, "ended_at", obj.get("ended_at")),
-        "latest_invoice_id": _ref(obj.get("latest_invoice")),
+        "latest_invoice_id": ref_id(obj.get("latest_invoice")),
         "metadata": metadata,
     }
 
@@ -140,21 +141,21 @@ def invoice_view(obj: Mapping[str, Any]) -> dict[str, Any]:
         raise NotAStripeObject(f"invoice {where}: no 'created' time")
     return {
         "invoice_id": where,
-        "customer_id": _ref(obj.get("customer")),
-        "subscription_id": _ref(obj.get("subscription")) or _ref(details.get("subscription")),
-        "user_id": _str(metadata.get("user_id")) or _str(sub_metadata.get("user_id")),
-        "status": _str(obj.get("status")),
+        "customer_id": ref_id(obj.get("customer")),
+        "subscription_id": ref_id(obj.get("subscription")) or ref_id(details.get("subscription")),
+        "user_id": nonempty(metadata.get("user_id")) or nonempty(sub_metadata.get("user_id")),
+        "status": nonempty(obj.get("status")),
         "amount_due": amount_due,
         "amount_paid": amount_paid,
         "amount_remaining": remaining if remaining is not None else max(amount_due - amount_paid, 0),
-        "currency": _currency(obj.get("currency")),
+        "currency": currency_code(obj.get("currency")),
         "due_date": _ms(where, "due_date", obj.get("due_date")),
         "created": created,
         "attempt_count": _int(where, "attempt_count", obj.get("attempt_count")) or 0,
         "next_payment_attempt": _ms(where, "next_payment_attempt", obj.get("next_payment_attempt")),
-        "payment_intent_id": _ref(obj.get("payment_intent")) or _ref(payment.get("payment_intent")),
-        "charge_id": _ref(obj.get("charge")) or _ref(payment.get("charge")),
-        "billing_reason": _str(obj.get("billing_reason")),
+        "payment_intent_id": ref_id(obj.get("payment_intent")) or ref_id(payment.get("payment_intent")),
+        "charge_id": ref_id(obj.get("charge")) or ref_id(payment.get("charge")),
+        "billing_reason": nonempty(obj.get("billing_reason")),
         "period_start": _ms(where, "period_start", obj.get("period_start")),
         "period_end": _ms(where, "period_end", obj.get("period_end")),
         "metadata": metadata,
@@ -169,8 +170,7 @@ def _identify(obj: Any, kind: str) -> str:
         raise NotAStripeObject(f"a {kind} without a string id")
     found = obj.get("object", kind)
     if found != kind:
-        shown = repr(found) if len(repr(found)) <= 40 else repr(found)[:37] + "..."
-        raise NotAStripeObject(f"{object_id}: object is {shown}, not a Stripe {kind}")
+        raise NotAStripeObject(f"{object_id}: object is {short_repr(found)}, not a Stripe {kind}")
     return object_id
 
 
@@ -244,15 +244,24 @@ def _ms(where: str, name: str, value: Any) -> int | None:
     return seconds * 1000 if seconds is not None else None
 
 
-def _ref(value: Any) -> str | None:
+def ref_id(value: Any) -> str | None:
+    """An id field: the id string, or the id of an expanded object; None otherwise."""
     if isinstance(value, Mapping):
         value = value.get("id")
     return value if isinstance(value, str) and value else None
 
 
-def _str(value: Any) -> str | None:
+def nonempty(value: Any) -> str | None:
+    """A non-empty string, else None."""
     return value if isinstance(value, str) and value else None
 
 
-def _currency(value: Any) -> str | None:
+def currency_code(value: Any) -> str | None:
+    """A currency as our contracts carry it (upper case), None when not a non-empty string."""
     return value.upper() if isinstance(value, str) and value else None
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` cut to 40 characters, for an error message that must not carry a payload."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

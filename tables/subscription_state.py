@@ -304,8 +304,7 @@ def _seen(row: Subscription | None, input_id: str) -> bool:
 
 def _evolve(row: Subscription, applied_id: str, now_ms: int, **changes: Any) -> Subscription:
     """A fresh copy of ``row`` with ``changes``, remembering ``applied_id``."""
-    ids = row.applied if row.applied[-1:] == [applied_id] else \
-        [*row.applied, applied_id][-MAX_APPLIED_IDS:]
+    ids = aggregate.remembered(row.applied, applied_id, MAX_APPLIED_IDS)
     base = Subscription.from_dict(row.to_dict())  # a deep copy: the caller's row stays as it was
     return dataclasses.replace(base, **changes, applied=ids, updated_at_ms=now_ms,
                                revision=row.revision + 1)

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from streams.devtools import host
 
 #: Debian package -> the program it puts on PATH.
 PACKAGES = {"chromium": "chromium", "chromium-driver": "chromedriver"}
@@ -34,40 +35,17 @@ class ChromiumMissing(RuntimeError):
 
 def find_tools() -> dict[str, str] | None:
     """The paths of ``chromium`` and ``chromedriver``, or None when either is missing."""
-    found = {program: shutil.which(program) for program in PACKAGES.values()}
-    if any(path is None for path in found.values()):
-        return None
-    return {program: str(path) for program, path in found.items()}
-
-
-def _apt_install(quiet: bool) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
-                          capture_output=quiet, text=True, check=False, env=env)
+    return host.find_programs(list(PACKAGES.values()))
 
 
 def ensure_installed(*, quiet: bool = True) -> dict[str, str]:
     """The tools' paths, installing Debian's packages first when they are missing.
 
-    Installs only as root with ``apt-get`` present; a first failure (package
-    lists never fetched or stale) is retried once after ``apt-get update``.
-    Raises :class:`ChromiumMissing` saying what to do otherwise.
+    Installs only as root with ``apt-get`` present (:func:`streams.devtools.host.ensure_debian_programs`);
+    raises :class:`ChromiumMissing` saying what to do otherwise.
     """
-    tools = find_tools()
-    if tools is not None:
-        return tools
-    hint = f"install Debian's {' and '.join(PACKAGES)} packages (`apt-get install -y {' '.join(PACKAGES)}`)"
-    if shutil.which("apt-get") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        raise ChromiumMissing(f"chromium/chromedriver not found: {hint}")
-    result = _apt_install(quiet)
-    if result.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=quiet, text=True, check=False)
-        result = _apt_install(quiet)
-    tools = find_tools()
-    if result.returncode != 0 or tools is None:
-        detail = ((result.stdout or "")[-1500:] + (result.stderr or "")[-1500:]) if quiet else ""
-        raise ChromiumMissing(f"apt-get could not install chromium: {hint}\n{detail}")
-    return tools
+    return host.ensure_debian_programs(list(PACKAGES), list(PACKAGES.values()), ChromiumMissing,
+                                       quiet=quiet)
 
 
 def headless_browser(*, width: int = 1400, height: int = 1000,

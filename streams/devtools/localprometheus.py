@@ -15,8 +15,6 @@ a private TSDB directory and a free port, and talks to its HTTP API.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +22,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from streams.devtools import host
 
 #: The Debian package that holds both ``prometheus`` and ``promtool``.
 PACKAGE = "prometheus"
@@ -36,41 +36,16 @@ class PrometheusMissing(RuntimeError):
 
 def find_tools() -> dict[str, str] | None:
     """The paths of ``prometheus`` and ``promtool``, or None when either is missing."""
-    found = {tool: shutil.which(tool) for tool in TOOLS}
-    if any(path is None for path in found.values()):
-        return None
-    return {tool: str(path) for tool, path in found.items()}
-
-
-def _apt_install(quiet: bool) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(
-        ["apt-get", "install", "-y", "--no-install-recommends", PACKAGE],
-        capture_output=quiet, text=True, check=False, env=env)
+    return host.find_programs(TOOLS)
 
 
 def ensure_installed(*, quiet: bool = True) -> dict[str, str]:
     """The tools' paths, installing Debian's ``prometheus`` first when they are missing.
 
-    Installs only as root with ``apt-get`` present; a first failure (package
-    lists never fetched or stale) is retried once after ``apt-get update``.
-    Raises :class:`PrometheusMissing` saying what to do otherwise.
+    Installs only as root with ``apt-get`` present (:func:`streams.devtools.host.ensure_debian_programs`);
+    raises :class:`PrometheusMissing` saying what to do otherwise.
     """
-    tools = find_tools()
-    if tools is not None:
-        return tools
-    hint = f"install Debian's {PACKAGE} package (`apt-get install -y {PACKAGE}`)"
-    if shutil.which("apt-get") is None or not hasattr(os, "geteuid") or os.geteuid() != 0:
-        raise PrometheusMissing(f"prometheus/promtool not found: {hint}")
-    result = _apt_install(quiet)
-    if result.returncode != 0:
-        subprocess.run(["apt-get", "update"], capture_output=quiet, text=True, check=False)
-        result = _apt_install(quiet)
-    tools = find_tools()
-    if result.returncode != 0 or tools is None:
-        detail = ((result.stdout or "")[-1500:] + (result.stderr or "")[-1500:]) if quiet else ""
-        raise PrometheusMissing(f"apt-get could not install {PACKAGE}: {hint}\n{detail}")
-    return tools
+    return host.ensure_debian_programs([PACKAGE], TOOLS, PrometheusMissing, quiet=quiet)
 
 
 def check_rules(*paths: Path | str) -> subprocess.CompletedProcess[str]:
@@ -124,14 +99,7 @@ class PrometheusServer:
 
     def stop(self, timeout: float = 20.0) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        host.stop_process(process, timeout)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -34,7 +34,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from streams.devtools import host
+from streams.devtools.host import free_port
+
 #: Any ``sk_`` key works with localstripe; this one only authenticates the probe.
 PROBE_KEY = "sk_test_localstripe_probe"
 SERVE_MODULE = "streams.devtools.localstripe"
@@ -53,12 +55,6 @@ SERVE_MODULE = "streams.devtools.localstripe"
 
 class LocalStripeError(RuntimeError):
     """localstripe did not start, or refused a configuration request."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LocalStripe:
@@ -206,14 +202,7 @@ class LocalStripe:
     def stop(self, *, timeout: float = 10.0) -> None:
         """Stop the process this object started (SIGTERM, then SIGKILL)."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
+        host.stop_process(process, timeout, kill_timeout=timeout)
 
     def __enter__(self) -> LocalStripe:
         return self.start()

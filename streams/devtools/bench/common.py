@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import platform
 import shutil
-import socket
+import tempfile
 import threading
 import time
 import uuid
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from streams import catalog
+from streams.devtools.host import free_port
 from streams.devtools.worker_process import WorkerSubprocess, settings_env
 from streams.settings import Settings
 
@@ -119,12 +121,6 @@ def cpu_seconds(pid: int | str = "self") -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def partition_of(key: bytes, partitions: int = PARTITIONS) -> int:
     """The partition Java's, aiokafka's and our producers' murmur2 partitioner picks."""
     from aiokafka.partitioner import murmur2
@@ -144,6 +140,25 @@ class BenchRun:
     tag: str
     state_root: Path
     registry_url: str = ""
+
+    @classmethod
+    def start(cls, settings: Settings) -> tuple[BenchRun, Any]:
+        """A new run with its schema registry serving in this process; stop both when done.
+
+        Tag ``bench-<8 hex>``, state under a fresh temporary directory, the
+        registry on a free port with topic ``<tag>-_schemas``; logging from
+        ERROR up; the machine line printed first.  The caller stops the
+        returned registry and calls :meth:`cleanup`.
+        """
+        from streams.devtools.registry_runner import RegistryThread, registry_settings
+
+        logging.basicConfig(level=logging.ERROR)
+        tag = f"bench-{uuid.uuid4().hex[:8]}"
+        run = cls(settings, tag, Path(tempfile.mkdtemp(prefix=f"{tag}-")))
+        print(machine_line(settings))
+        registry = RegistryThread(registry_settings(settings, f"{tag}-_schemas", free_port())).start()
+        run.registry_url = registry.url
+        return run, registry
 
     def settings(self, part: str, **overrides: Any) -> Settings:
         """Private topics, app id (= consumer group), state dir and web port for one part."""
@@ -424,10 +439,16 @@ class Observer:
 
     ``want(key)`` picks the keys worth remembering (the probes or orders of
     this part).  Assigned at the topics' current end before it returns.
+    ``stamps``: also keep each noted record's Kafka timestamp in
+    :attr:`stamps` (CreateTime: when its producer made it, so ``stamp -
+    due`` is the producer's own lateness and ``seen - stamp`` the way to
+    the reader).
     """
 
-    def __init__(self, settings: Settings, topics: list[str], want: Callable[[str], bool]) -> None:
+    def __init__(self, settings: Settings, topics: list[str], want: Callable[[str], bool], *,
+                 stamps: bool = False) -> None:
         self.seen: dict[str, dict[str, int]] = {topic: {} for topic in topics}
+        self.stamps: dict[str, dict[str, int]] | None = {topic: {} for topic in topics} if stamps else None
         self._want = want
         self._consumer = assigned_consumer(settings, topics)
         self._stop = threading.Event()
@@ -450,6 +471,8 @@ class Observer:
                     seen = self.seen[message.topic()]
                     if key not in seen:
                         seen[key] = stamp
+                        if self.stamps is not None:
+                            self.stamps[message.topic()][key] = message.timestamp()[1]
                         noted = True
             if noted:
                 with self._changed:

@@ -27,33 +27,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
-import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from streams import catalog
 from streams.devtools.bench.common import (
     BenchRun,
     Observer,
-    Stalled,
     WorkerProcess,
     cpu_seconds,
     create_part_topics,
     end_offsets,
-    flush,
-    free_port,
     latency_line,
-    machine_line,
     now_ms,
     percentile,
-    produce,
-    producer,
 )
+from streams.devtools.bench.preload import preload_through
 from streams.settings import Settings
 from tables import aggregate
 from tables.invoice_state import DAY_MS
@@ -88,40 +80,6 @@ def open_command(invoice_id: str, user_id: str, due_ms: int) -> bytes:
     return json.dumps(record, separators=(",", ":")).encode()
 
 
-class StampingObserver(Observer):
-    """An :class:`Observer` that also keeps each noted record's Kafka timestamp.
-
-    The timestamp is the producer's (CreateTime: when the worker produced the
-    record), so ``stamp - due`` is the worker's own lateness and ``seen -
-    stamp`` the way to the reader.
-    """
-
-    def __init__(self, settings: Settings, topics: list[str], want: Any) -> None:
-        self.stamps: dict[str, dict[str, int]] = {topic: {} for topic in topics}
-        super().__init__(settings, topics, want)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            messages = self._consumer.consume(2000, 0.01)
-            if not messages:
-                continue
-            stamp = now_ms()
-            noted = False
-            for message in messages:
-                if message.error() is not None or message.key() is None:
-                    continue
-                key = message.key().decode()
-                if self._want(key):
-                    seen = self.seen[message.topic()]
-                    if key not in seen:
-                        seen[key] = stamp
-                        self.stamps[message.topic()][key] = message.timestamp()[1]
-                        noted = True
-            if noted:
-                with self._changed:
-                    self._changed.notify_all()
-
-
 def _end_offset(settings: Settings, topic: str, timeout: float = 60.0) -> int:
     """The topic's end offset, retried while a new topic's partitions have no leader yet."""
     from confluent_kafka import KafkaException
@@ -140,35 +98,12 @@ def preload_invoices(settings: Settings, invoices: Sequence[tuple[str, int]], wo
                      label: str, stall_after: float = 180.0, progress_every: float = 15.0) -> float:
     """Open ``invoices`` (id, due ms) through ``worker``; seconds until the last invoice.created."""
     created = settings.topic("invoice.created")
-    commands = settings.topic(catalog.INVOICE_COMMANDS)
-    start = _end_offset(settings, created)
-    client = producer(settings, f"bench-{label}",
-                      **{"linger.ms": 20, "queue.buffering.max.messages": 500_000})
-    began = time.monotonic()
-    for index, (invoice_id, due_ms) in enumerate(invoices):
-        produce(client, commands, invoice_id.encode(), open_command(invoice_id, f"u-{invoice_id}", due_ms))
-        if index % 10_000 == 0:
-            client.poll(0)
-    flush(client, f"{label}: open commands")
-    wanted, done = len(invoices), 0
-    last_change = last_print = time.monotonic()
-    while done < wanted:
-        time.sleep(0.5)
-        worker.assert_running()
-        count = end_offsets(settings, [created])[created] - start
-        now = time.monotonic()
-        if count != done:
-            done, last_change = count, now
-        elif now - last_change > stall_after:
-            raise Stalled(f"{label}: {done:,}/{wanted:,} invoices created, none for {stall_after:.0f} s\n"
-                          f"{worker.log_tail()}")
-        if now - last_print >= progress_every and done < wanted:
-            rate = done / (now - began)
-            eta = (wanted - done) / rate if rate else float("inf")
-            print(f"    {label}: {done:,}/{wanted:,} invoices created, {rate:,.0f}/s, ETA {eta:,.0f} s",
-                  flush=True)
-            last_print = now
-    return time.monotonic() - began
+    commands = ((invoice_id, open_command(invoice_id, f"u-{invoice_id}", due_ms))
+                for invoice_id, due_ms in invoices)
+    return preload_through(
+        settings, worker, commands, len(invoices), command_topic=settings.topic(catalog.INVOICE_COMMANDS),
+        done_topic=created, start=_end_offset(settings, created), label=label, sent="open commands",
+        done="invoices created", stall_after=stall_after, progress_every=progress_every)
 
 
 def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
@@ -194,8 +129,8 @@ def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
         deadlines = {f"in_b{tag}{i:07d}": first + int(i * step) for i in range(options.count)}
         marker = f"in_b{tag}"
         created_topic, overdue_topic = settings.topic("invoice.created"), settings.topic("invoice.overdue")
-        observer = StampingObserver(settings, [created_topic, overdue_topic],
-                                    lambda key: key.startswith(marker))
+        observer = Observer(settings, [created_topic, overdue_topic],
+                            lambda key: key.startswith(marker), stamps=True)
         cpu_before = cpu_seconds(worker.pid)
         try:
             preload = preload_invoices(
@@ -218,6 +153,7 @@ def _midnight(run: BenchRun, options: InvoicesOptions) -> dict[str, Any]:
     overdue = observer.seen[overdue_topic]
     late_created = [i for i in deadlines if created.get(i, 0) > deadlines[i]]
     lags = [float(overdue[i] - max(deadlines[i], created.get(i, 0))) for i in deadlines]
+    assert observer.stamps is not None
     produced = observer.stamps[overdue_topic]
     worker_lags = [float(produced[i] - max(deadlines[i], created.get(i, 0))) for i in deadlines]
     tenth = max(1, len(lags) // 10)  # ``deadlines`` (hence ``lags``) is in deadline order
@@ -258,15 +194,9 @@ def _report(result: dict[str, Any]) -> None:
 
 def run_invoices(settings: Settings, options: InvoicesOptions) -> int:
     """Run the midnight case once; print its numbers; 0 unless it failed."""
-    from streams.devtools.registry_runner import RegistryThread, registry_settings
-
-    logging.basicConfig(level=logging.ERROR)
     started = time.perf_counter()
-    tag = f"bench-{uuid.uuid4().hex[:8]}"
-    run = BenchRun(settings, tag, Path(tempfile.mkdtemp(prefix=f"{tag}-")))
-    print(machine_line(settings))
-    registry = RegistryThread(registry_settings(settings, f"{tag}-_schemas", free_port())).start()
-    run.registry_url = registry.url
+    run, registry = BenchRun.start(settings)
+    tag = run.tag
     print(f"run {tag}: registry {registry.url} in this process; state in {run.state_root}", flush=True)
     print(f"\n== invoices: {options.count:,} pending invoices whose first overdue notice falls due within "
           f"{options.span:g} s (target p99 <= 2 s)", flush=True)

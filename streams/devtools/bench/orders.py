@@ -22,14 +22,10 @@ Prints numbers, asserts nothing about speed.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import tempfile
 import time
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 
-from streams.devtools.bench.common import BenchRun, free_port, machine_line
+from streams.devtools.bench.common import BenchRun
 from streams.devtools.bench.deadlines import DeadlineOptions, run_deadlines
 from streams.devtools.bench.failover import run_failover
 from streams.devtools.bench.lifecycle import LifecycleOptions, run_lifecycle
@@ -78,15 +74,9 @@ def parse_parts(text: str) -> tuple[str, ...]:
 
 def run_orders(settings: Settings, options: OrdersOptions) -> int:
     """Run the parts; print their numbers; 0 unless a part failed."""
-    from streams.devtools.registry_runner import RegistryThread, registry_settings
-
-    logging.basicConfig(level=logging.ERROR)
     started = time.perf_counter()
-    tag = f"bench-{uuid.uuid4().hex[:8]}"
-    run = BenchRun(settings, tag, Path(tempfile.mkdtemp(prefix=f"{tag}-")))
-    print(machine_line(settings))
-    registry = RegistryThread(registry_settings(settings, f"{tag}-_schemas", free_port())).start()
-    run.registry_url = registry.url
+    run, registry = BenchRun.start(settings)
+    tag = run.tag
     print(f"run {tag}: registry {registry.url} (topic {tag}-_schemas) in this process; state in "
           f"{run.state_root}; parts: {', '.join(options.parts)}", flush=True)
     failures = 0

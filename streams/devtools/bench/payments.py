@@ -49,10 +49,8 @@ import asyncio
 import dataclasses
 import io
 import json
-import logging
 import multiprocessing
 import struct
-import tempfile
 import time
 import traceback
 import uuid
@@ -74,7 +72,6 @@ from streams.devtools.bench.common import (
     end_offsets,
     free_port,
     latency_line,
-    machine_line,
     partition_of,
     percentile,
     produce,
@@ -706,15 +703,9 @@ def run_raw(run: BenchRun, options: PaymentsOptions, standin: StandinProcess,
 
 def run_payments(settings: Settings, options: PaymentsOptions) -> int:
     """Ours, then raw-with-state, against one Stripe stand-in; print; 0 unless a side failed."""
-    from streams.devtools.registry_runner import RegistryThread, registry_settings
-
-    logging.basicConfig(level=logging.ERROR)
     started = time.perf_counter()
-    tag = f"bench-{uuid.uuid4().hex[:8]}"
-    run = BenchRun(settings, tag, Path(tempfile.mkdtemp(prefix=f"{tag}-")))
-    print(machine_line(settings))
-    registry = RegistryThread(registry_settings(settings, f"{tag}-_schemas", free_port())).start()
-    run.registry_url = registry.url
+    run, registry = BenchRun.start(settings)
+    tag = run.tag
     standin = StandinProcess(free_port(), run.state_root / "stripe-standin.log")
     sides: list[Side] = []
     failures = 0
