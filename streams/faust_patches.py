@@ -26,10 +26,14 @@ found by measuring and crashing paystream, not by reading.
    decisions are idempotent), never skipped.
 
    A released record is also *held*: the partition's commit stops before it
-   until a re-read copy is acknowledged, and once the flow runs the
-   partition is sought back to it if it was fetched past it (:func:`release`,
-   :func:`_rewind`; Faust's seek to committed offsets leaves a partition
-   with nothing committed where it was).
+   until a re-read copy is acknowledged, and once the flow runs the fetch
+   loop seeks the partition back to it, between two fetches, if it was
+   fetched past it (:func:`release`, :func:`seek_back`).  Between two
+   fetches, because a seek while the loop still hands
+   over records fetched before it lets those move Faust's read offset past
+   the held one again: the re-read copy was then dropped as already read,
+   and the commit stayed before it for good (the order kill -9 test: an
+   index partition committed 31 of 35, four fan-out commands never applied).
 
 3. **Cheap delivery into the kernel's channels.**  Faust's fetch loop
    (``Consumer._drain_messages``) hands each record to the conductor under a
@@ -115,8 +119,8 @@ def release(consumer: Any, message: Any) -> None:
     move past it until a re-read copy of it is acknowledged (Faust's own head
     check is skipped on a partition never committed, so without the hold a
     record released at its head was committed past: the payment kill -9 test
-    lost a payment that way), and the partition is sought back to it once
-    the flow runs (:func:`_rewind`).
+    lost a payment that way), and the fetch loop seeks the partition back to
+    it between two fetches once the flow runs (:func:`seek_back`).
     """
     from faust.types.tuples import ack_lock
 
@@ -127,48 +131,89 @@ def release(consumer: Any, message: Any) -> None:
     first = not offsets or message.offset < min(offsets)
     offsets.add(message.offset)
     if first:
-        _schedule_rewind(consumer, message.tp)
+        rewinds_due(consumer).add(message.tp)
 
 
-def _schedule_rewind(consumer: Any, tp: Any) -> None:
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # no loop (a test's bare consumer): the hold alone stands
-        return
-    task = loop.create_task(_rewind(consumer, tp))
-    _REWINDS.add(task)
-    task.add_done_callback(_REWINDS.discard)
+#: Attribute of a consumer: the held partitions the fetch loop is to seek back (:func:`seek_back`).
+REWINDS_DUE = "_paystream_rewinds_due"
 
 
-#: Rewinds under way (a reference each, so none is collected before it ran).
-_REWINDS: set[asyncio.Task[None]] = set()
+def rewinds_due(consumer: Any) -> set[Any]:
+    """The partitions of ``consumer`` whose first held offset the fetch loop is to seek back to."""
+    found: set[Any] | None = getattr(consumer, REWINDS_DUE, None)
+    if found is None:
+        found = set()
+        setattr(consumer, REWINDS_DUE, found)
+    return found
 
 
-async def _rewind(consumer: Any, tp: Any) -> None:
-    """Fetch ``tp`` again from its first held offset, once the flow runs, unless not yet past it.
+async def seek_back(consumer: Any) -> None:
+    """Seek each partition due a rewind back to its first held offset, unless not yet past it.
 
-    Waits for a rebalance under way to end: Faust then seeks every partition
-    to its committed offset, which the hold keeps at or before the held one,
-    except a partition with nothing committed (aiokafka's
-    ``seek_to_committed`` leaves those where they are: the CI run of the
-    payment kill -9 test saw partitions never committed for good).  So the
-    position is asked, and only a partition fetched past the held record is
-    sought back to it: never forward, which could skip records.
+    The fetch loop calls this between two fetches, while the flow runs, so
+    no record fetched before the seek is handed over after it (one would set
+    Faust's read offset past the held record, and the re-read copy would be
+    dropped as already read).  During a rebalance nothing is sought (the
+    partitions stay due); after it (``Consumer.perform_seek``) every held
+    partition is due again, wherever the new assignment starts it (its
+    committed offset, which the hold keeps at or before the held one; a
+    partition with nothing committed, which ``seek_to_committed`` leaves
+    alone, where aiokafka's reset policy puts it).  So the position is
+    asked, and only a partition fetched past the held record is sought back
+    to it: never forward, which could skip records.
     """
-    try:
-        if not getattr(consumer, "flow_active", True):
-            await consumer.can_resume_flow.wait()
+    due = rewinds_due(consumer)
+    if not due or not getattr(consumer, "flow_active", True):
+        return
+    for tp in list(due):
+        due.discard(tp)
         offsets = held(consumer).get(tp)
         if not offsets:
-            return
+            continue
         floor = min(offsets)
-        position = await consumer.position(tp)
-        if position is None or position > floor:
-            await consumer.seek(tp, floor)
+        try:
+            position = await consumer.position(tp)
+            if position is None or position > floor:
+                await consumer.seek(tp, floor)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # not assigned here any more, or stopping: the next owner reads it
+            log.info("not rewinding %s to a released record: %r", tp, exc)
+
+
+async def seek_uncommitted_to_start(consumer: Any) -> None:
+    """After Faust's seek to committed offsets: an agent's partition with nothing committed goes to its start.
+
+    aiokafka's ``seek_to_committed`` leaves such a partition where it is, and
+    Faust's seek is also how it drops a fetch it will not hand over (its
+    ``getmany`` when the flow is stopped): records fetched from a new
+    assignment while a rebalance still held the flow were dropped, the
+    partition stayed past them, and with nothing committed Faust's head
+    check let the commit pass them (the suspected cause of the subscription
+    kill -9 test's loss: a new member's first records on new topics, three
+    subscription orders never made, every input committed).  The start is
+    where aiokafka's reset policy (``earliest``, streams.app) begins such a
+    partition in a new assignment anyway; what this worker read there since
+    and did not commit is read and decided again (idempotently).  Changelog
+    and other unacknowledged topics keep Faust's handling.
+    """
+    if getattr(consumer.app.conf, "consumer_auto_offset_reset", "earliest") != "earliest":
+        return
+    acks_enabled_for = consumer.app.topics.acks_enabled_for
+    committed = consumer._committed_offset
+    try:
+        uncommitted = [tp for tp in consumer.assignment()
+                       if acks_enabled_for(tp.topic) and not committed.get(tp)]
+        if not uncommitted:
+            return
+        starts = await consumer.earliest_offsets(*uncommitted)
+        for tp, start in starts.items():
+            if start is not None:
+                await consumer.seek(tp, start)
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # not assigned here any more, or stopping: the next owner reads it
-        log.info("not rewinding %s to a released record: %r", tp, exc)
+    except Exception as exc:  # assignment changed meanwhile: the next seek to committed offsets does it
+        log.info("not seeking uncommitted partitions to their start: %r", exc)
 
 
 def _hold_commits() -> None:
@@ -195,9 +240,8 @@ def _hold_commits() -> None:
 
     async def perform_seek_then_rewind(self: Any) -> None:
         await perform_seek(self)
-        for tp, offsets in list(held(self).items()):
-            if offsets:
-                _schedule_rewind(self, tp)
+        await seek_uncommitted_to_start(self)
+        rewinds_due(self).update(tp for tp, offsets in held(self).items() if offsets)
 
     cls._new_offset = new_offset_held
     cls.perform_seek = perform_seek_then_rewind
@@ -308,7 +352,10 @@ FAUST_DRAIN_MESSAGES: Any = None
 
 
 async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover - the fetch loop
-    """Faust 0.15.3's ``Consumer._drain_messages``, with :func:`deliver_now` tried first."""
+    """Faust 0.15.3's ``Consumer._drain_messages``, with :func:`deliver_now` tried first.
+
+    And, before each fetch, the seeks back to held records (:func:`seek_back`).
+    """
     import asyncio
     from typing import cast
 
@@ -328,6 +375,7 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
     acks_enabled_for = self.app.topics.acks_enabled_for
     deliveries = self.app.topics.__dict__.setdefault("_paystream_deliveries", {})
     get_delivery = deliveries.get
+    due = rewinds_due(self)
 
     yield_every = 100
     num_since_yield = 0
@@ -335,6 +383,8 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
 
     try:
         while not (consumer_should_stop() or fetcher_should_stop()):
+            if due:  # not Faust's: seek held partitions back, no earlier fetch still being handed over
+                await seek_back(self)
             set_flag(flag_consumer_fetching)
             ait = cast(Any, getmany(timeout=1.0))
 
