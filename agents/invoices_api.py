@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from agents.invoices import InvoiceService
-from streams.aggregate_api import AggregateApi, error, router_of, serve
+from streams.aggregate_api import AggregateApi, router_of, serve
 from streams.routing import Router
 
 
@@ -26,16 +26,9 @@ class InvoiceApi(AggregateApi):
         self.service = service
 
     async def get(self, request: web.Request, invoice_id: str) -> web.Response:
-        invoices = self.service.invoices
-
-        async def here() -> web.Response:
-            invoice = invoices.row(invoice_id)
-            if invoice is None:
-                return self.not_readable(f"invoice {invoice_id}") or error(
-                    404, "not_found", f"paystream knows no invoice {invoice_id}")
-            return web.json_response(invoices.flow.view(invoice))
-
-        return await self.owned(invoices, invoice_id, request, here)
+        return await self.row_view(self.service.invoices, invoice_id, request,
+                                   what=f"invoice {invoice_id}",
+                                   missing=f"paystream knows no invoice {invoice_id}")
 
 
 def register(app: Any) -> InvoiceApi:

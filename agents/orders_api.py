@@ -184,14 +184,8 @@ class OrderApi(AggregateApi):
 
     # /orders/{order_id} -------------------------------------------------
     async def get(self, request: web.Request, order_id: str) -> web.Response:
-        async def here() -> web.Response:
-            order = self.orders.row(order_id)
-            if order is None:
-                return self.not_readable(f"order {order_id}") or \
-                    _error(404, "not_found", f"order {order_id} does not exist")
-            return web.json_response(self.orders.flow.view(order))
-
-        return await self.owned(self.orders, order_id, request, here)
+        return await self.row_view(self.orders, order_id, request, what=f"order {order_id}",
+                                   missing=f"order {order_id} does not exist")
 
     async def patch(self, request: web.Request, order_id: str) -> web.Response:
         async def here() -> web.Response:

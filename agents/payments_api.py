@@ -53,14 +53,9 @@ class PaymentApi(AggregateApi):
         return await self.owned(self.service.intents, intent_id, request, here)
 
     async def payment(self, request: web.Request, order_id: str) -> web.Response:
-        async def here() -> web.Response:
-            payment = self.service.payments.row(order_id)
-            if payment is None:
-                return self.not_readable(f"payment of order {order_id}") or error(
-                    404, "not_found", f"order {order_id} has no payment")
-            return web.json_response(self.service.payments.flow.view(payment))
-
-        return await self.owned(self.service.payments, order_id, request, here)
+        return await self.row_view(self.service.payments, order_id, request,
+                                   what=f"payment of order {order_id}",
+                                   missing=f"order {order_id} has no payment")
 
     async def get(self, request: web.Request, payment_intent_id: str) -> web.Response:
         return await self._by_intent(request, payment_intent_id,

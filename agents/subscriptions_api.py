@@ -141,16 +141,9 @@ class SubscriptionApi(AggregateApi):
 
     # /subscriptions/{subscription_id} --------------------------------------
     async def get(self, request: web.Request, subscription_id: str) -> web.Response:
-        subscriptions = self.service.subscriptions
-
-        async def here() -> web.Response:
-            row = subscriptions.row(subscription_id)
-            if row is None:
-                return self.not_readable(f"subscription {subscription_id}") or error(
-                    404, "not_found", f"paystream knows no subscription {subscription_id}")
-            return web.json_response(subscriptions.flow.view(row))
-
-        return await self.owned(subscriptions, subscription_id, request, here)
+        return await self.row_view(self.service.subscriptions, subscription_id, request,
+                                   what=f"subscription {subscription_id}",
+                                   missing=f"paystream knows no subscription {subscription_id}")
 
     async def cancel(self, request: web.Request, subscription_id: str) -> web.Response:
         subscriptions = self.service.subscriptions

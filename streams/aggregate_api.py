@@ -148,6 +148,22 @@ class AggregateApi:
                 return unavailable(f"partitions are moving: {type(exc).__name__}")
             raise
 
+    async def row_view(self, aggregate_: Aggregate, key: str, request: web.Request, *,
+                       what: str, missing: str) -> web.Response:
+        """A GET of ``key``'s row, answered on its owner: the aggregate's view of the row.
+
+        No row: 503 while partitions move (``what`` not readable yet), else 404
+        ``not_found`` with the message ``missing``.
+        """
+
+        async def here() -> web.Response:
+            row = aggregate_.row(key)
+            if row is None:
+                return self.not_readable(what) or error(404, "not_found", missing)
+            return web.json_response(aggregate_.flow.view(row))
+
+        return await self.owned(aggregate_, key, request, here)
+
     def not_readable(self, what: str) -> web.Response | None:
         """503 while partitions move (a row may still be on its way from its changelog)."""
         if self.app.rebalancing:
