@@ -11,7 +11,8 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 
 
 def free_port() -> int:
@@ -55,6 +56,24 @@ def ensure_debian_programs(packages: Sequence[str], programs: Sequence[str],
         detail = ((result.stdout or "")[-1500:] + (result.stderr or "")[-1500:]) if quiet else ""
         raise missing(f"apt-get could not install {' and '.join(packages)}: {hint}\n{detail}")
     return tools
+
+
+def install_main(argv: Sequence[str], module: str, ensure: Callable[..., dict[str, str]],
+                 missing: type[Exception]) -> int:
+    """``python -m <module> install`` (what ``./dev test`` runs): ``ensure(quiet=False)``, paths printed.
+
+    Exit code 2 for other arguments, 1 with the error when ``ensure`` raises ``missing``.
+    """
+    if list(argv[1:]) != ["install"]:
+        print(f"usage: python -m {module} install", file=sys.stderr)
+        return 2
+    try:
+        tools = ensure(quiet=False)
+    except missing as exc:
+        print(f"dev: {exc}", file=sys.stderr)
+        return 1
+    print(", ".join(f"{name}: {path}" for name, path in tools.items()))
+    return 0
 
 
 def _apt_install(packages: Sequence[str], quiet: bool) -> subprocess.CompletedProcess[str]:

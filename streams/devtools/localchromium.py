@@ -88,16 +88,7 @@ def headless_browser(*, width: int = 1400, height: int = 1000,
 
 def main(argv: list[str]) -> int:
     """``python -m streams.devtools.localchromium install``: what ``./dev test`` runs."""
-    if argv[1:] != ["install"]:
-        print("usage: python -m streams.devtools.localchromium install", file=sys.stderr)
-        return 2
-    try:
-        tools = ensure_installed(quiet=False)
-    except ChromiumMissing as exc:
-        print(f"dev: {exc}", file=sys.stderr)
-        return 1
-    print(f"chromium: {tools['chromium']}, chromedriver: {tools['chromedriver']}")
-    return 0
+    return host.install_main(argv, "streams.devtools.localchromium", ensure_installed, ChromiumMissing)
 
 
 if __name__ == "__main__":

@@ -128,16 +128,7 @@ class PrometheusServer:
 
 def main(argv: list[str]) -> int:
     """``python -m streams.devtools.localprometheus install``: what ``./dev test`` runs."""
-    if argv[1:] != ["install"]:
-        print("usage: python -m streams.devtools.localprometheus install", file=sys.stderr)
-        return 2
-    try:
-        tools = ensure_installed(quiet=False)
-    except PrometheusMissing as exc:
-        print(f"dev: {exc}", file=sys.stderr)
-        return 1
-    print(f"prometheus: {tools['prometheus']}, promtool: {tools['promtool']}")
-    return 0
+    return host.install_main(argv, "streams.devtools.localprometheus", ensure_installed, PrometheusMissing)
 
 
 if __name__ == "__main__":

@@ -50,3 +50,19 @@ def test_free_port_can_be_bound() -> None:
     port = host.free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_install_main_prints_the_paths_or_says_what_is_wrong(capsys: pytest.CaptureFixture[str]) -> None:
+    def ensure(*, quiet: bool) -> dict[str, str]:
+        assert quiet is False
+        return {"a": "/bin/a", "b": "/bin/b"}
+
+    def refuse(*, quiet: bool) -> dict[str, str]:
+        raise Missing("a/b not found: install them")
+
+    assert host.install_main(["prog", "install"], "m.x", ensure, Missing) == 0
+    assert capsys.readouterr().out == "a: /bin/a, b: /bin/b\n"
+    assert host.install_main(["prog", "install"], "m.x", refuse, Missing) == 1
+    assert capsys.readouterr().err == "dev: a/b not found: install them\n"
+    assert host.install_main(["prog"], "m.x", ensure, Missing) == 2
+    assert capsys.readouterr().err == "usage: python -m m.x install\n"

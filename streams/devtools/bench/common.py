@@ -173,6 +173,12 @@ class BenchRun:
             **overrides,
         )
 
+    def close(self, registry: Any) -> None:
+        """Stop ``registry`` (:meth:`start`'s) and :meth:`cleanup` the run, printing what went."""
+        registry.stop()
+        topics, groups = self.cleanup()
+        print(f"\ncleanup: deleted {len(topics)} topics and {len(groups)} consumer groups of {self.tag}")
+
     def cleanup(self) -> tuple[list[str], list[str]]:
         """Delete every topic and consumer group of the run, and the state root."""
         from confluent_kafka import KafkaError, KafkaException

@@ -207,8 +207,6 @@ def run_invoices(settings: Settings, options: InvoicesOptions) -> int:
         failed = True
         print(f"  FAILED: {type(exc).__name__}: {exc}")
     finally:
-        registry.stop()
-        topics, groups = run.cleanup()
-        print(f"\ncleanup: deleted {len(topics)} topics and {len(groups)} consumer groups of {tag}")
+        run.close(registry)
     print(f"total wall time: {time.perf_counter() - started:.1f} s")
     return 1 if failed else 0

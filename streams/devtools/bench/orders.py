@@ -113,8 +113,6 @@ def run_orders(settings: Settings, options: OrdersOptions) -> int:
                 attempt(f"failover: SIGKILL + immediate restart, {options.kills} times",
                         lambda: run_failover(run, options.kills))
     finally:
-        registry.stop()
-        topics, groups = run.cleanup()
-        print(f"\ncleanup: deleted {len(topics)} topics and {len(groups)} consumer groups of {tag}")
+        run.close(registry)
     print(f"total wall time: {time.perf_counter() - started:.1f} s")
     return 1 if failures else 0

@@ -729,9 +729,7 @@ def run_payments(settings: Settings, options: PaymentsOptions) -> int:
         report(sides, options, commit_interval)
     finally:
         standin.stop()
-        registry.stop()
-        topics, groups = run.cleanup()
-        print(f"\ncleanup: deleted {len(topics)} topics and {len(groups)} consumer groups of {tag}")
+        run.close(registry)
     print(f"total wall time: {time.perf_counter() - started:.1f} s")
     return 1 if failures else 0
 
