@@ -181,41 +181,6 @@ async def seek_back(consumer: Any) -> None:
             log.info("not rewinding %s to a released record: %r", tp, exc)
 
 
-async def seek_uncommitted_to_start(consumer: Any) -> None:
-    """After Faust's seek to committed offsets: an agent's partition with nothing committed goes to its start.
-
-    aiokafka's ``seek_to_committed`` leaves such a partition where it is, and
-    Faust's seek is also how it drops a fetch it will not hand over (its
-    ``getmany`` when the flow is stopped): records fetched from a new
-    assignment while a rebalance still held the flow were dropped, the
-    partition stayed past them, and with nothing committed Faust's head
-    check let the commit pass them (the suspected cause of the subscription
-    kill -9 test's loss: a new member's first records on new topics, three
-    subscription orders never made, every input committed).  The start is
-    where aiokafka's reset policy (``earliest``, streams.app) begins such a
-    partition in a new assignment anyway; what this worker read there since
-    and did not commit is read and decided again (idempotently).  Changelog
-    and other unacknowledged topics keep Faust's handling.
-    """
-    if getattr(consumer.app.conf, "consumer_auto_offset_reset", "earliest") != "earliest":
-        return
-    acks_enabled_for = consumer.app.topics.acks_enabled_for
-    committed = consumer._committed_offset
-    try:
-        uncommitted = [tp for tp in consumer.assignment()
-                       if acks_enabled_for(tp.topic) and not committed.get(tp)]
-        if not uncommitted:
-            return
-        starts = await consumer.earliest_offsets(*uncommitted)
-        for tp, start in starts.items():
-            if start is not None:
-                await consumer.seek(tp, start)
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:  # assignment changed meanwhile: the next seek to committed offsets does it
-        log.info("not seeking uncommitted partitions to their start: %r", exc)
-
-
 def _hold_commits() -> None:
     """Faust's ``_new_offset`` never returns an offset past a held one (see :func:`release`)."""
     from faust.transport import consumer as faust_consumer
@@ -240,7 +205,6 @@ def _hold_commits() -> None:
 
     async def perform_seek_then_rewind(self: Any) -> None:
         await perform_seek(self)
-        await seek_uncommitted_to_start(self)
         rewinds_due(self).update(tp for tp, offsets in held(self).items() if offsets)
 
     cls._new_offset = new_offset_held

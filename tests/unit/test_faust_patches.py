@@ -286,30 +286,3 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
     await asyncio.wait_for(faust_patches._drain_messages(consumer, fetcher), 5)
     assert delivered == [7, 8, 9, 7, 8, 9]
     assert not faust_patches.held(consumer).get(TP0)
-
-
-async def test_after_the_seek_to_committed_offsets_an_uncommitted_partition_goes_to_its_start(
-    app: faust.App, monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """aiokafka leaves a partition with nothing committed past the records Faust's getmany dropped."""
-    consumer = app.consumer
-    committed_one = TP("t-patched", 1)
-    changelog = TP("t-changelog", 0)  # not an acknowledged topic: Faust's (recovery's) business
-    seeks: list[tuple[TP, int]] = []
-
-    async def seek_to_committed() -> dict[TP, int | None]:
-        return {TP0: None, committed_one: 5, changelog: None}
-
-    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
-        return {tp: 3 for tp in tps}
-
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
-    monkeypatch.setattr(consumer, "assignment", lambda: {TP0, committed_one, changelog})
-    monkeypatch.setattr(consumer, "earliest_offsets", earliest_offsets)
-    monkeypatch.setattr(consumer, "seek", seek)
-    await consumer.perform_seek()
-    assert seeks == [(TP0, 3)]
-    assert consumer._committed_offset[committed_one] == 5
