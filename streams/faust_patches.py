@@ -160,7 +160,8 @@ async def seek_back(consumer: Any) -> None:
     partition with nothing committed, which ``seek_to_committed`` leaves
     alone, where aiokafka's reset policy puts it).  So the position is
     asked, and only a partition fetched past the held record is sought back
-    to it: never forward, which could skip records.
+    to it: never forward, which could skip records (nor with a position
+    asked before a rebalance began: the partition stays due).
     """
     due = rewinds_due(consumer)
     if not due or not getattr(consumer, "flow_active", True):
@@ -171,8 +172,15 @@ async def seek_back(consumer: Any) -> None:
         if not offsets:
             continue
         floor = min(offsets)
+        generation = getattr(consumer.app, "consumer_generation_id", None)
         try:
             position = await consumer.position(tp)
+            if not getattr(consumer, "flow_active", True) \
+                    or getattr(consumer.app, "consumer_generation_id", None) != generation:
+                # a rebalance began meanwhile: its seek to committed offsets (at or before
+                # the held one) may already be done, and the position asked is stale
+                due.add(tp)
+                continue
             if position is None or position > floor:
                 await consumer.seek(tp, floor)
         except asyncio.CancelledError:

@@ -286,3 +286,29 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
     await asyncio.wait_for(faust_patches._drain_messages(consumer, fetcher), 5)
     assert delivered == [7, 8, 9, 7, 8, 9]
     assert not faust_patches.held(consumer).get(TP0)
+
+
+async def test_a_position_asked_before_a_rebalance_began_is_not_sought_to(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rebalance's seek to committed offsets may have put it before the held record: no seek forward."""
+    app.consumer_generation_id = 2
+    consumer = app.consumer
+    consumer.flow_active = True
+    consumer.can_resume_flow.set()
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+
+    async def at(tp: TP) -> int:
+        consumer.stop_flow()  # a rebalance begins while the position is asked
+        app.consumer_generation_id = 3
+        return 12
+
+    monkeypatch.setattr(consumer, "seek", seek)
+    monkeypatch.setattr(consumer, "position", at)
+    consumer.ack(message(7, generation_id=1))
+    await faust_patches.seek_back(consumer)
+    assert seeks == []
+    assert TP0 in faust_patches.rewinds_due(consumer)  # done once the flow runs again
