@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -221,6 +222,17 @@ async def test_registry_reads_are_open_and_writes_need_a_token(guarded: Guarded)
     assert f"{prefix}order.created-value" in subjects
 
 
+async def _read(http: httpx.AsyncClient, url: str, token: str, timeout: float = 60.0) -> httpx.Response:
+    """GET as a careful client does: a 503 (a table of the new assignment still
+    recovering: "partitions are moving") is retried after its Retry-After."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = await http.get(url, headers=_auth(token))
+        if answer.status_code != 503 or time.monotonic() > deadline:
+            return answer
+        await asyncio.sleep(min(float(answer.headers.get("Retry-After") or 1), 2.0))
+
+
 async def test_a_forwarded_request_carries_the_caller_s_token(guarded: Guarded) -> None:
     """A second worker of the group: each order's owner is one of two, so one GET of each is forwarded."""
     stack, http = guarded.stack, guarded.http
@@ -249,7 +261,7 @@ async def test_a_forwarded_request_carries_the_caller_s_token(guarded: Guarded) 
         for order_id in created:
             for worker in (stack.worker, second):
                 for token in (CURRENT, PREVIOUS):
-                    answer = await http.get(f"{worker.url}/orders/{order_id}", headers=_auth(token))
+                    answer = await _read(http, f"{worker.url}/orders/{order_id}", token)
                     assert answer.status_code == 200, (worker.name, answer.text)
                     assert answer.json()["order_id"] == order_id
                 for name, token in REFUSED.items():

@@ -154,6 +154,8 @@ async def test_order_canceled_before_its_deadline_never_expires(
     assert pending_deadlines(app, order_id) == []
 
     await sleep_past(deadline, SETTLE)
+    # the reader is a consumer group of its own: its first poll may still be joining
+    await reader.wait_for("order.canceled", order_id=order_id)
     reader.poll(1.0)
     assert len(reader.events("order.canceled", order_id=order_id)) == 1
     assert reader.events("order.expired", order_id=order_id) == []
