@@ -50,6 +50,9 @@ from tables.order_index import USER_ORDERS
 #: The user -> orders index table's changelog, as a suffix of its topic name
 #: (Faust names it ``{app id}-{table}-changelog``).
 INDEX_CHANGELOG_SUFFIX = f"-{USER_ORDERS.name}-changelog"
+#: Ours runs the order path only, as a worker deployed for it would: the payment and
+#: subscription agents' idle partitions would otherwise ride in every fetch.
+ORDERS_ONLY = "orders"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,14 +189,14 @@ def worker_producer_config(settings: Settings) -> tuple[dict[str, Any], int | No
 
 
 def run_ours(run: BenchRun, options: LifecycleOptions) -> Side:
-    settings = run.settings("life-ours")
+    settings = run.settings("life-ours", domains=ORDERS_ONLY)
     create_part_topics(settings)
     prober = Prober(settings)
     worker = None
     try:
         worker, ready = start_worker(settings, prober)
         prober.close()
-        print(f"  ours: worker pid {worker.pid} serving after {ready:.1f} s; driving", flush=True)
+        print(f"  ours: worker pid {worker.pid} (PAYSTREAM_DOMAINS={ORDERS_ONLY}) serving after {ready:.1f} s; driving", flush=True)
         topics = topics_with_prefix(settings)
         before = end_offsets(settings, topics)
         cpu = cpu_seconds(worker.pid)
