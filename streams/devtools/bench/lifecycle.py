@@ -5,7 +5,9 @@ Three sides, measured one after the other with the same closed-loop driver
 the driver run in processes of their own, and the bench process only starts
 them and reads end offsets:
 
-- **ours**: a ``paystream worker`` subprocess with every agent;
+- **ours**: a ``paystream worker`` subprocess running the order path
+  (``PAYSTREAM_DOMAINS=orders``: the order and user-index agents, their
+  tables and deadlines), as a worker deployed for orders would;
 - **raw-with-state**: :mod:`streams.devtools.bench.raw` doing the same work
   per input, producing as many records per input of each role as ours did
   (measured just before from the end offsets of every topic of ours' run,
@@ -196,7 +198,8 @@ def run_ours(run: BenchRun, options: LifecycleOptions) -> Side:
     try:
         worker, ready = start_worker(settings, prober)
         prober.close()
-        print(f"  ours: worker pid {worker.pid} (PAYSTREAM_DOMAINS={ORDERS_ONLY}) serving after {ready:.1f} s; driving", flush=True)
+        print(f"  ours: worker pid {worker.pid} (PAYSTREAM_DOMAINS={ORDERS_ONLY}) serving after "
+              f"{ready:.1f} s; driving", flush=True)
         topics = topics_with_prefix(settings)
         before = end_offsets(settings, topics)
         cpu = cpu_seconds(worker.pid)

@@ -1,13 +1,13 @@
 """Part ``metrics``: the order lifecycle with Prometheus metrics on vs off, one run.
 
 The same closed-loop driver as :mod:`.lifecycle` drives a ``paystream worker``
-subprocess started with ``PAYSTREAM_METRICS=on`` or ``off`` (the only
-difference), in rounds ordered on, off, off, on, ... so a drift of the
-machine during the run weighs on both sides alike.  Each round has topics,
-group and state of its own.  While metrics are on, ``/metrics`` is scraped
-every second during the round (what Prometheus would do, more often than its
-default 15 s), so the collectors' cost is in the number too; with them off,
-``/metrics`` must answer 404.
+subprocess running the order path only (as there), started with
+``PAYSTREAM_METRICS=on`` or ``off`` (the only difference), in rounds ordered
+on, off, off, on, ... so a drift of the machine during the run weighs on both
+sides alike. Each round has topics, group and state of its own. While metrics
+are on, ``/metrics`` is scraped every second during the round (what Prometheus
+would do, more often than its default 15 s), so the collectors' cost is in the
+number too; with them off, ``/metrics`` must answer 404.
 
 Reports input events/s per round, the mean of each side and the ratio
 on / off (the issue's target: >= 0.97), worker CPU per input on each side,
@@ -38,7 +38,7 @@ from streams.devtools.bench.common import (
     wait_caught_up,
 )
 from streams.devtools.bench.driver import DriverSpec, driver_main
-from streams.devtools.bench.lifecycle import run_child
+from streams.devtools.bench.lifecycle import ORDERS_ONLY, run_child
 
 #: Seconds between two scrapes of ``/metrics`` while a metrics-on round is driven.
 SCRAPE_EVERY = 1.0
@@ -104,7 +104,7 @@ def metrics_status(url: str) -> int:
 
 
 def run_round(run: BenchRun, options: MetricsOptions, mode: str, index: int) -> Round:
-    settings = run.settings(f"metrics-{index}-{mode}", metrics=mode)
+    settings = run.settings(f"metrics-{index}-{mode}", metrics=mode, domains=ORDERS_ONLY)
     create_part_topics(settings)
     prober = Prober(settings)
     worker = None
