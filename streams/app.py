@@ -31,6 +31,7 @@ from mode.utils.times import want_seconds
 from streams import access, catalog, faust_patches, logs, metrics
 from streams.admin import TopicSettings, ensure_topics, wait_until_listed
 from streams.codec import REGISTRY_TRANSPORT_ERRORS, ConfluentAvroCodec, SchemaCache
+from streams.event_loop import install_event_loop
 from streams.settings import Settings
 from tables import storage
 
@@ -333,6 +334,7 @@ def run_worker(settings: Settings, *, loglevel: str = "info") -> int:
     At ``--loglevel debug`` nothing is quieted.
     """
     storage.limit_malloc_arenas()  # before any thread starts: keeps RSS near the budget
+    install_event_loop(settings)  # before Faust makes its loops (the worker's and its consumer thread's)
     worker_app = create_app(settings)
     verbose = logging.getLevelName(loglevel.upper()) == logging.DEBUG
     # LOG_FORMAT and the secret filter (streams.logs); a JSON worker prints no banner.

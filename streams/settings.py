@@ -51,7 +51,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "PAYSTREAM_SESSION_TIMEOUT_SECONDS": ("session_timeout_seconds", "10"),
     "PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS": ("heartbeat_interval_seconds", "1"),
     "PAYSTREAM_BATCH_MAX": ("batch_max", "1000"),
-    "PAYSTREAM_BATCH_WITHIN_MS": ("batch_within_ms", "10"),
+    "PAYSTREAM_BATCH_WITHIN_MS": ("batch_within_ms", "0"),
     # Access and logs (README: "Access tokens and logs").
     "PAYSTREAM_SERVICE_TOKENS": ("service_tokens", ""),
     "LOG_FORMAT": ("log_format", "text"),
@@ -60,7 +60,12 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "PAYSTREAM_DLQ_REPLAY_LIMIT": ("dlq_replay_limit", "3"),
     # Prometheus metrics (streams.metrics): on, or off to run without them.
     "PAYSTREAM_METRICS": ("metrics", "on"),
+    # The worker's event loop (streams.app.install_event_loop): uvloop, or asyncio's own.
+    "PAYSTREAM_EVENT_LOOP": ("event_loop", "uvloop"),
 }
+
+#: The values of ``PAYSTREAM_EVENT_LOOP``.
+EVENT_LOOPS = ("uvloop", "asyncio")
 
 #: The values of ``LOG_FORMAT``.
 LOG_FORMATS = ("text", "json")
@@ -137,6 +142,9 @@ class Settings:
     dlq_replay_limit: int
     #: ``on``: the kernel's metrics and the worker's ``/metrics``; ``off``: neither (streams.metrics).
     metrics: str = "on"
+    #: ``uvloop`` (libuv's loop for asyncio) or ``asyncio`` (the standard library's),
+    #: for the worker and the bench's raw loops alike.
+    event_loop: str = "uvloop"
 
     def __post_init__(self) -> None:
         if self.batch_max < 1 or self.batch_within_ms < 0:
@@ -147,6 +155,9 @@ class Settings:
             raise ValueError(f"LOG_FORMAT={self.log_format!r} must be one of {', '.join(LOG_FORMATS)}")
         if not isinstance(logging.getLevelName(self.log_level.upper()), int):
             raise ValueError(f"LOG_LEVEL={self.log_level!r} is not a logging level (debug, info, ...)")
+        if self.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"PAYSTREAM_EVENT_LOOP={self.event_loop!r} must be one of "
+                             f"{', '.join(EVENT_LOOPS)}")
         if self.metrics not in ("on", "off"):
             raise ValueError(f"PAYSTREAM_METRICS={self.metrics!r} must be on or off")
         if self.dlq_replay_limit < 1:

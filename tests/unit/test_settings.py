@@ -49,6 +49,7 @@ def test_the_default_instance_id_is_stable_per_host_and_port() -> None:
     ("PAYSTREAM_SESSION_TIMEOUT_SECONDS", "3", "minimum group session timeout"),
     ("PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS", "5", "third of the session timeout"),
     ("PAYSTREAM_HEARTBEAT_INTERVAL_SECONDS", "0", "positive"),
+    ("PAYSTREAM_EVENT_LOOP", "trio", "uvloop, asyncio"),
 ])
 def test_unworkable_values_are_refused_with_the_variable_named(
     variable: str, value: str, message: str

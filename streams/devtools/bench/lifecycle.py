@@ -278,7 +278,8 @@ def run_lifecycle(run: BenchRun, options: LifecycleOptions) -> list[Side]:
     sides: list[Side] = []
     producer, max_records, commit_interval = worker_producer_config(run.settings("life-ours"))
     print(f"  worker producer (Faust conf, used by the raw loops too): {producer}; "
-          f"max poll records {max_records}; commit interval {commit_interval:g} s", flush=True)
+          f"max poll records {max_records}; commit interval {commit_interval:g} s; "
+          f"event loop {run.settings('life-ours').event_loop} on every side but the driver's", flush=True)
     try:
         ours = run_ours(run, options)
         sides.append(ours)

@@ -83,6 +83,7 @@ from streams.devtools.bench.common import (
 from streams.devtools.bench.ingress import FIXTURE
 from streams.devtools.bench.lifecycle import run_child, worker_producer_config
 from streams.devtools.bench.stripe_standin import StandinProcess
+from streams.event_loop import install_event_loop
 from streams.settings import Settings
 
 INPUTS_PER_LIFECYCLE = 2
@@ -300,6 +301,7 @@ class RawSpec:
 
 def raw_main(spec: RawSpec, conn: Any, stop: Any) -> None:
     """Child-process entry: run the loop until ``stop`` is set; report counts or the error."""
+    install_event_loop(spec.settings)  # the worker's kind of loop (PAYSTREAM_EVENT_LOOP)
     try:
         conn.send(asyncio.run(_raw_loop(spec, conn, stop)))
     except BaseException as exc:

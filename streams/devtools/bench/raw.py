@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from streams import catalog
+from streams.event_loop import install_event_loop
 from streams.settings import Settings
 
 _HEADER = struct.Struct(">bI")
@@ -90,6 +91,7 @@ class RawSpec:
 
 def raw_main(spec: RawSpec, conn: Any, stop: Any) -> None:
     """Child-process entry: run the loop until ``stop`` is set; report counts or the error."""
+    install_event_loop(spec.settings)  # the worker's kind of loop (PAYSTREAM_EVENT_LOOP)
     try:
         result = asyncio.run(_aiokafka_loop(spec, conn, stop)) if spec.client == "aiokafka" else \
             _confluent_loop(spec, conn, stop)
