@@ -127,7 +127,8 @@ class Settings:
     session_timeout_seconds: float
     heartbeat_interval_seconds: float
     #: Records one aggregate takes per batch, and how long it waits for more
-    #: before deciding a batch that is not full (streams.kernel).
+    #: before deciding a batch that is not full (streams.kernel); 0: not at
+    #: all, what arrives meanwhile makes the next batch.
     batch_max: int
     batch_within_ms: float
     #: Bearer tokens the HTTP surfaces accept, comma-separated (streams.access);
