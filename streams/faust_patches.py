@@ -47,8 +47,58 @@ found by measuring and crashing paystream, not by reading.
    into the queue.  Whenever that would have to wait (flow suspended by a
    rebalance, a full queue, a full producer buffer) or the partition has any
    other subscriber, the record goes Faust's own way, so back pressure and
-   rebalances behave as before.  The rest of the loop (read offsets, gaps,
-   ``commit_every``) is Faust's, copied; the test pins the original's source.
+   rebalances behave as before.  The rest of the loop (``commit_every``,
+   the read offsets of topics without acknowledgements) is Faust's, copied;
+   the test pins the original's source.
+
+4. **Every record between the committed offset and the commit is handed
+   over.**  Faust decides what the fetch loop hands over with a per-partition
+   *read offset*, and takes any distance between it and the next record as
+   records missing from the log (a *gap*, counted as acknowledged by
+   ``_new_offset``).  Logging the loop in the payment kill -9 test (every
+   fetch, every seek, every gap: 10 and 15 gaps in two of three runs, one
+   of them failed with five partitions never committed to their end)
+   showed how that goes wrong at start-up, with one consumer generation
+   throughout (static membership: a restarted worker takes its place):
+
+   - Faust's recovery resumes the flow to read the changelogs while the
+     agents' partitions are paused in its own bookkeeping only; aiokafka
+     prefetches every assigned partition, and a fetch returned
+     ``order.created[1] 0..2`` (and ten more) for paused partitions.
+     ``Consumer.getmany`` skips such records, but aiokafka's position is
+     past them.  Faust's seek to committed offsets (``perform_seek``) leaves
+     a partition with nothing committed alone, so they were never read: the
+     next record, 3, was handed over, and as Faust checks no head when
+     nothing is committed (``if committed_offset:``), committed past them.
+   - ``perform_seek`` runs while the loop hands over records (the flow is
+     active); the loop handed over 4..5 of a partition between aiokafka's
+     seek to the committed 4 and Faust setting the read offset back to 4;
+     the next record, 6, was taken as a gap 5..6 (Faust's gap even includes
+     the record itself).  Here 4 and 5 had been delivered; a record skipped
+     the same way (the first case, or one fetched while the flow stopped)
+     was committed past: the head check ``min(acked) - committed > 1`` lets
+     exactly one missing head record through, a gap any number.
+
+   The fix, for acknowledged topics only (changelogs keep Faust's read
+   offsets): one *expected offset* per partition, the next record the loop
+   may hand over.  ``perform_seek`` sets it to the committed offset, or to
+   the log start (looked up) when nothing is committed; a seek sets it to
+   its target; the loop advances it before any ``await``, so a seek made
+   meanwhile wins.  A record before it is dropped (already read); a record
+   after it is not handed over: the expected offset is held (the commit
+   stops before it, :func:`release`'s hold) and the partition is sought
+   back to it between two fetches (:func:`seek_back`).  Records fetched for
+   a paused partition are taken out of the fetch before Faust's
+   ``getmany`` sees them, held and read again once it is resumed.  No gap is
+   recorded, unless :data:`HOLE_CONFIRMATIONS` rewinds to one offset each
+   come back with a later record (offsets really missing from the log: a
+   compacted or transactional topic; paystream's acknowledged topics are
+   neither).  And ``_new_offset`` returns nothing while the record at the
+   committed offset, or at the log start when nothing is committed, is not
+   done.  So an offset is committed only once every record before it was
+   handed over in order, acknowledged, or found missing from the log; the
+   price is a record handed over twice when a seek raced the loop (the
+   kernel's decisions are idempotent).
 """
 
 from __future__ import annotations
@@ -71,6 +121,7 @@ def apply() -> None:
     _shorten_fetch_wait()
     _no_stale_acks()
     _hold_commits()
+    _read_every_record()
     _deliver_to_batch_channels()
 
 
@@ -127,11 +178,16 @@ def release(consumer: Any, message: Any) -> None:
     with ack_lock:
         message.acked = True
         consumer._unacked_messages.discard(message)
-    offsets = held(consumer).setdefault(message.tp, set())
-    first = not offsets or message.offset < min(offsets)
-    offsets.add(message.offset)
-    if first:
+    if _hold(consumer, message.tp, message.offset):
         rewinds_due(consumer).add(message.tp)
+
+
+def _hold(consumer: Any, tp: Any, offset: int) -> bool:
+    """Hold ``tp``'s commit before ``offset``; True if it is now the partition's first held offset."""
+    offsets = held(consumer).setdefault(tp, set())
+    first = not offsets or offset < min(offsets)
+    offsets.add(offset)
+    return first
 
 
 #: Attribute of a consumer: the held partitions the fetch loop is to seek back (:func:`seek_back`).
@@ -161,16 +217,24 @@ async def seek_back(consumer: Any) -> None:
     alone, where aiokafka's reset policy puts it).  So the position is
     asked, and only a partition fetched past the held record is sought back
     to it: never forward, which could skip records (nor with a position
-    asked before a rebalance began: the partition stays due).
+    asked before a rebalance began: the partition stays due).  A partition
+    Faust has paused stays due until it is resumed (what it fetched while
+    paused is not handed over, module docstring 4.).  Each rewind is
+    counted (:func:`jumped` tells a hole in the log by them).
     """
     due = rewinds_due(consumer)
     if not due or not getattr(consumer, "flow_active", True):
         return
+    active = getattr(consumer, "_active_partitions", None)
+    buffered = getattr(consumer, "_buffered_partitions", ())
     for tp in list(due):
-        due.discard(tp)
         offsets = held(consumer).get(tp)
         if not offsets:
+            due.discard(tp)
             continue
+        if active is not None and tp not in active and tp not in buffered:
+            continue  # paused (start-up recovery): what it fetches now is not handed over either
+        due.discard(tp)
         floor = min(offsets)
         generation = getattr(consumer.app, "consumer_generation_id", None)
         try:
@@ -183,6 +247,9 @@ async def seek_back(consumer: Any) -> None:
                 continue
             if position is None or position > floor:
                 await consumer.seek(tp, floor)
+                rewound = _rewound(consumer)
+                last = rewound.get(tp)
+                rewound[tp] = (floor, last[1] + 1 if last and last[0] == floor else 1)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # not assigned here any more, or stopping: the next owner reads it
@@ -218,6 +285,182 @@ def _hold_commits() -> None:
     cls._new_offset = new_offset_held
     cls.perform_seek = perform_seek_then_rewind
     cls._paystream_holds = True
+
+
+# --------------------------------------------------------------------------
+# 4. Every record between the committed offset and the commit is handed over
+
+#: Attribute of a consumer: TP -> the offset of the next record the fetch loop hands over.
+EXPECTED = "_paystream_expected"
+#: Attribute of a consumer: TP -> first offset of a partition with nothing committed (its log start).
+STARTS = "_paystream_starts"
+#: Attribute of a consumer: TP -> (offset, times) the fetch loop rewound the partition to that offset.
+REWOUND = "_paystream_rewound"
+#: Attribute of a consumer: TP -> what last set the expected offset (for the log).
+RESETS = "_paystream_resets"
+
+#: Rewinds to one offset that each came back with a later first record before the offsets
+#: between are taken as missing from the log (a compacted or transactional topic; paystream's
+#: acknowledged topics are neither, so this only keeps such a partition from rewinding forever).
+HOLE_CONFIRMATIONS = 3
+
+
+def _consumer_dict(consumer: Any, name: str) -> dict[Any, Any]:
+    found: dict[Any, Any] | None = consumer.__dict__.get(name)
+    if found is None:
+        found = {}
+        setattr(consumer, name, found)
+    return found
+
+
+def expected(consumer: Any) -> dict[Any, int]:
+    """TP -> offset of the next record ``consumer``'s fetch loop may hand over (module docstring, 4.)."""
+    return _consumer_dict(consumer, EXPECTED)
+
+
+def starts(consumer: Any) -> dict[Any, int]:
+    """TP -> log start of each assigned partition that had nothing committed at the last seek."""
+    return _consumer_dict(consumer, STARTS)
+
+
+def _rewound(consumer: Any) -> dict[Any, tuple[int, int]]:
+    return _consumer_dict(consumer, REWOUND)
+
+
+def _expect(consumer: Any, tp: Any, offset: int, why: str) -> None:
+    expected(consumer)[tp] = offset
+    _consumer_dict(consumer, RESETS)[tp] = why
+
+
+def skipped(consumer: Any, tp: Any, offset: int) -> None:
+    """The records of ``tp`` from ``offset`` on were not handed over: hold the commit, read them again."""
+    _hold(consumer, tp, offset)
+    rewinds_due(consumer).add(tp)
+
+
+def jumped(consumer: Any, tp: Any, want: int, offset: int) -> bool:
+    """Record ``offset`` came where ``want`` was due: False, it is read again; True, a real hole.
+
+    Only after :data:`HOLE_CONFIRMATIONS` rewinds to ``want`` that each came
+    back with a later record are the offsets between taken as missing from
+    the log: they are added to Faust's gaps (counted as done) and the hold
+    on ``want`` is lifted.
+    """
+    if tp in rewinds_due(consumer) and want in held(consumer).get(tp, ()):
+        return False  # the rest of a fetch already found past it: the rewind is due
+    rewound = _rewound(consumer)
+    last = rewound.get(tp)
+    if last is not None and last[0] == want and last[1] >= HOLE_CONFIRMATIONS:
+        del rewound[tp]
+        log.warning("%s: offsets %d..%d missing from the log (read again %d times from %d, the first "
+                    "record was %d each time): committed past as a gap", tp, want, offset - 1, last[1],
+                    want, offset)
+        gap = consumer._gap[tp]
+        gap.addi(want, offset)
+        gap.merge_overlaps()
+        offsets = held(consumer).get(tp)
+        if offsets:
+            offsets.discard(want)
+        return True
+    log.info("%s: record %d fetched where %d was due (expected offset last set by %s): "
+             "not handed over, read again from %d", tp, offset, want,
+             _consumer_dict(consumer, RESETS).get(tp, "the fetch loop"), want)
+    skipped(consumer, tp, want)
+    return False
+
+
+def _read_every_record() -> None:
+    """Faust's read offsets and gaps, replaced for acknowledged topics by one expected offset.
+
+    Found by logging the fetch loop in the payment kill -9 test (see the
+    module docstring, 4.); applied to the consumer's ``perform_seek``,
+    ``seek``, ``_wait_next_records`` and ``_new_offset``, and used by the
+    fetch loop (:func:`_drain_messages`).
+    """
+    from faust.transport import consumer as faust_consumer
+
+    cls = faust_consumer.Consumer
+    if getattr(cls, "_paystream_every_record", False):
+        return
+    perform_seek = cls.perform_seek
+    seek = cls.seek
+    wait_next_records = cls._wait_next_records
+    new_offset = cls._new_offset
+
+    async def perform_seek_expecting(self: Any) -> None:
+        await perform_seek(self)
+        acking = self.app.topics.acks_enabled_for
+        read = self._read_offset
+        unknown = []
+        for tp in self.assignment():
+            if not acking(tp.topic):
+                continue
+            committed = read.get(tp)
+            if committed is not None:
+                _expect(self, tp, committed, f"perform_seek (committed {committed})")
+                starts(self).pop(tp, None)
+            else:
+                unknown.append(tp)
+        if not unknown:
+            return
+        try:
+            found = await self.earliest_offsets(*unknown)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the commit then checks no head on them, as Faust does
+            log.warning("log start of %d partitions with nothing committed not found: %r", len(unknown), exc)
+            for tp in unknown:
+                expected(self).pop(tp, None)
+                starts(self).pop(tp, None)
+            return
+        for tp in unknown:
+            start = found.get(tp)
+            if start is None:
+                expected(self).pop(tp, None)
+                starts(self).pop(tp, None)
+                continue
+            starts(self)[tp] = start
+            _expect(self, tp, start, f"perform_seek (nothing committed, log start {start})")
+
+    async def seek_expecting(self: Any, partition: Any, offset: int) -> None:
+        await seek(self, partition, offset)
+        _expect(self, partition, offset, f"a seek to {offset}")
+
+    async def wait_next_records_handed_over(self: Any, timeout: float) -> Any:
+        records, active = await wait_next_records(self, timeout)
+        if records and active is not None:
+            buffered = self._buffered_partitions
+            acking = self.app.topics.acks_enabled_for
+            passed = [tp for tp in records if tp not in active and tp not in buffered and acking(tp.topic)]
+            for tp in passed:
+                # Faust's getmany would skip them (a paused partition) with the fetch position past them
+                fetched = records.pop(tp)
+                if fetched:
+                    skipped(self, tp, fetched[0].offset)
+            if passed:
+                log.info("records of %d paused partitions fetched: held, read again once resumed",
+                         len(passed))
+        return records, active
+
+    def new_offset_from_head(self: Any, tp: Any) -> int | None:
+        acked = self._acked[tp]
+        if acked:
+            committed = self._committed_offset[tp]
+            floor = committed if committed is not None else starts(self).get(tp)
+            if floor is not None:
+                head = min(acked)
+                gap = self._gap.get(tp)
+                if gap:
+                    head = min([head, *(interval.begin for interval in gap.overlap(0, max(acked)))])
+                if head > floor:
+                    return None  # the record at the committed offset (or log start) is not done
+        return new_offset(self, tp)
+
+    cls.perform_seek = perform_seek_expecting
+    cls.seek = seek_expecting
+    cls._wait_next_records = wait_next_records_handed_over
+    cls._new_offset = new_offset_from_head
+    cls._paystream_every_record = True
 
 
 def _no_stale_acks() -> None:
@@ -348,6 +591,10 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
     deliveries = self.app.topics.__dict__.setdefault("_paystream_deliveries", {})
     get_delivery = deliveries.get
     due = rewinds_due(self)
+    expecting = expected(self)
+    get_expected = expecting.get
+    set_expected = expecting.__setitem__
+    rewound = _rewound(self)
 
     yield_every = 100
     num_since_yield = 0
@@ -371,14 +618,19 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                         num_since_yield = 0
 
                     offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is None or offset >= r_offset:
-                        gap = offset - (r_offset or 0)
-                        # We have a gap in income messages
-                        if gap > 1 and r_offset:
-                            acks_enabled = acks_enabled_for(message.topic)
-                            if acks_enabled:
-                                await self._add_gap(tp, r_offset + 1, offset)
+                    acked_topic = acks_enabled_for(message.topic)
+                    if acked_topic:  # not Faust's: one expected offset, no gap (module docstring, 4.)
+                        want = get_expected(tp)
+                        accept = want is None or offset == want or (
+                            offset > want and jumped(self, tp, want, offset))
+                        if accept:
+                            if rewound:
+                                rewound.pop(tp, None)  # a rewind came back where it was due
+                            set_expected(tp, offset + 1)  # before any await: a seek meanwhile wins
+                    else:
+                        r_offset = get_read_offset(tp)
+                        accept = r_offset is None or offset >= r_offset
+                    if accept:
                         if commit_every is not None:
                             if self._n_acked >= commit_every:
                                 self._n_acked = 0
@@ -387,7 +639,10 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                             await self.wait_first(
                                 callback(message), self.suspend_flow.wait()
                             )
-                        set_read_offset(tp, offset)
+                        if not acked_topic:
+                            set_read_offset(tp, offset)
+                    elif acked_topic and offset > want:
+                        pass  # not handed over: read again from the expected offset (jumped)
                     else:
                         self.log.dev(
                             "DROPPED MESSAGE ROFF %r: k=%r v=%r",
