@@ -56,8 +56,7 @@ found by measuring and crashing paystream, not by reading.
    *read offset*, and takes any distance between it and the next record as
    records missing from the log (a *gap*, counted as acknowledged by
    ``_new_offset``).  Logging the loop in the payment kill -9 test (every
-   fetch, every seek, every gap: 10 and 15 gaps in two of three runs, one
-   of them failed with five partitions never committed to their end)
+   fetch, every seek, every gap: 10 and 15 gaps in two of three runs)
    showed how that goes wrong at start-up, with one consumer generation
    throughout (static membership: a restarted worker takes its place):
 
@@ -69,15 +68,17 @@ found by measuring and crashing paystream, not by reading.
      past them.  Faust's seek to committed offsets (``perform_seek``) leaves
      a partition with nothing committed alone, so they were never read: the
      next record, 3, was handed over, and as Faust checks no head when
-     nothing is committed (``if committed_offset:``), committed past them.
+     nothing is committed (``if committed_offset:``), its acknowledgement
+     lets the next commit pass them.
    - ``perform_seek`` runs while the loop hands over records (the flow is
      active); the loop handed over 4..5 of a partition between aiokafka's
      seek to the committed 4 and Faust setting the read offset back to 4;
      the next record, 6, was taken as a gap 5..6 (Faust's gap even includes
-     the record itself).  Here 4 and 5 had been delivered; a record skipped
-     the same way (the first case, or one fetched while the flow stopped)
-     was committed past: the head check ``min(acked) - committed > 1`` lets
-     exactly one missing head record through, a gap any number.
+     the record itself).  Here 4 and 5 had been delivered, so no harm
+     done; but nothing tells such a gap from records skipped without being
+     handed over, which it would commit past, and Faust's head check
+     (``min(acked) - committed > 1``) lets exactly one missing head record
+     through even without a gap.
 
    The fix, for acknowledged topics only (changelogs keep Faust's read
    offsets): one *expected offset* per partition, the next record the loop
@@ -95,10 +96,10 @@ found by measuring and crashing paystream, not by reading.
    compacted or transactional topic; paystream's acknowledged topics are
    neither).  And ``_new_offset`` returns nothing while the record at the
    committed offset, or at the log start when nothing is committed, is not
-   done.  So an offset is committed only once every record before it was
-   handed over in order, acknowledged, or found missing from the log; the
-   price is a record handed over twice when a seek raced the loop (the
-   kernel's decisions are idempotent).
+   done.  So an offset is committed only once every record from the
+   committed offset (or the log start) up to it was acknowledged or found
+   missing from the log; the price is a record handed over twice when a
+   seek raced the loop (the kernel's decisions are idempotent).
 """
 
 from __future__ import annotations
