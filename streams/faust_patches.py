@@ -247,7 +247,10 @@ async def seek_back(consumer: Any) -> None:
                 due.add(tp)
                 continue
             if position is None or position > floor:
-                await consumer.seek(tp, floor)
+                # in the consumer's thread, as Faust's own seeks to committed offsets: aiokafka is not
+                # thread-safe, and Faust's Consumer.seek calls it from this one
+                await consumer.seek_wait({tp: floor})
+                _expect(consumer, tp, floor, f"a rewind to {floor}")
                 rewound = _rewound(consumer)
                 last = rewound.get(tp)
                 rewound[tp] = (floor, last[1] + 1 if last and last[0] == floor else 1)

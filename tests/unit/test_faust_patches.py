@@ -190,8 +190,8 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
         consumer.can_resume_flow.clear()
     seeks: list[tuple[TP, int]] = []
 
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        seeks.extend(partitions.items())
 
     async def at(tp: TP) -> int:
         return position
@@ -202,7 +202,7 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
     async def earliest_offsets(*tps: TP) -> dict[TP, int]:
         return {tp: 0 for tp in tps}
 
-    monkeypatch.setattr(consumer, "seek", seek)
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
     monkeypatch.setattr(consumer, "position", at)
     monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
     monkeypatch.setattr(consumer, "assignment", lambda: {TP0})
@@ -264,8 +264,8 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
     rounds: list[list[int]] = [[7, 8, 9]]
     delivered: list[int] = []
 
-    async def _seek(tp: TP, offset: int) -> None:
-        position["next"] = offset
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        position["next"] = partitions[TP0]
 
     async def at(tp: TP) -> int:
         return position["next"]
@@ -290,7 +290,7 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
         if received.offset == 7 and delivered.count(7) == 2:
             consumer.ack(received)
 
-    monkeypatch.setattr(consumer, "_seek", _seek)
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
     monkeypatch.setattr(consumer, "position", at)
     monkeypatch.setattr(consumer, "getmany", getmany)
     monkeypatch.setattr(consumer, "callback", callback)
@@ -309,15 +309,15 @@ async def test_a_position_asked_before_a_rebalance_began_is_not_sought_to(
     consumer.can_resume_flow.set()
     seeks: list[tuple[TP, int]] = []
 
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        seeks.extend(partitions.items())
 
     async def at(tp: TP) -> int:
         consumer.stop_flow()  # a rebalance begins while the position is asked
         app.consumer_generation_id = 3
         return 12
 
-    monkeypatch.setattr(consumer, "seek", seek)
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
     monkeypatch.setattr(consumer, "position", at)
     consumer.ack(message(7, generation_id=1))
     await faust_patches.seek_back(consumer)
@@ -362,7 +362,7 @@ class FakeFetches:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         consumer = self.consumer
         monkeypatch.setattr(consumer, "_getmany", self._getmany)
-        monkeypatch.setattr(consumer, "_seek", self._seek)
+        monkeypatch.setattr(consumer, "seek_wait", self._seek_wait)
         monkeypatch.setattr(consumer, "position", self._position)
         monkeypatch.setattr(consumer, "seek_to_committed", self._seek_to_committed)
         monkeypatch.setattr(consumer, "earliest_offsets", self._earliest_offsets)
@@ -389,8 +389,8 @@ class FakeFetches:
             self.fetcher._stopped.set()
         return records
 
-    async def _seek(self, tp: TP, offset: int) -> None:
-        self.position[tp] = offset
+    async def _seek_wait(self, partitions: dict[TP, int]) -> None:
+        self.position.update(partitions)
 
     async def _position(self, tp: TP) -> int:
         return self.position[tp]
