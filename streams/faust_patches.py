@@ -80,15 +80,30 @@ found by measuring and crashing paystream, not by reading.
      (``min(acked) - committed > 1``) lets exactly one missing head record
      through even without a gap.
 
+   - Records the loop hands over between the agents' partitions being
+     resumed and the end of ``Recovery.on_recovery_completed`` go into the
+     channel queues, and its ``app.flow_control.resume()`` (after
+     ``perform_seek``) clears every channel queue (mode's
+     ``FlowControlEvent.resume``): dropped unprocessed, the read offset and
+     the fetch position past them.  Read from Faust's and mode's code after
+     the runs above still stalled now and then (a partition whose commit
+     never reached its end): with Faust's head check, one such record at
+     the committed offset is committed past, more stall the partition.
+
    The fix, for acknowledged topics only (changelogs keep Faust's read
    offsets): one *expected offset* per partition, the next record the loop
-   may hand over.  ``perform_seek`` sets it to the committed offset, or to
-   the log start (looked up) when nothing is committed; a seek sets it to
-   its target; the loop advances it before any ``await``, so a seek made
-   meanwhile wins.  A record before it is dropped (already read); a record
-   after it is not handed over: the expected offset is held (the commit
-   stops before it, :func:`release`'s hold) and the partition is sought
-   back to it between two fetches (:func:`seek_back`).  Records fetched for
+   may hand over.  Until ``perform_seek`` sets it nothing is handed over;
+   it sets it to the committed offset, or to the log start (looked up)
+   when nothing is committed, and has the partition sought back to it if
+   it was fetched past it meanwhile; a seek sets it to its target; the
+   loop advances it before any ``await``, so a seek made meanwhile wins.  A
+   record before it is dropped (already read); a record after it is not
+   handed over: the expected offset is held (the commit stops before it,
+   :func:`release`'s hold) and the partition is sought back to it between
+   two fetches (:func:`seek_back`, in the consumer's thread: aiokafka is
+   not thread-safe).  Records a flow-control resume (or a rebalance)
+   clears from the channel queues are released: held and read again
+   (:func:`_release_what_flow_control_clears`).  Records fetched for
    a paused partition are taken out of the fetch before Faust's
    ``getmany`` sees them, held and read again once it is resumed.  No gap is
    recorded, unless :data:`HOLE_CONFIRMATIONS` rewinds to one offset each
@@ -123,6 +138,7 @@ def apply() -> None:
     _no_stale_acks()
     _hold_commits()
     _read_every_record()
+    _release_what_flow_control_clears()
     _deliver_to_batch_channels()
 
 
@@ -317,7 +333,11 @@ def _consumer_dict(consumer: Any, name: str) -> dict[Any, Any]:
     return found
 
 
-def expected(consumer: Any) -> dict[Any, int]:
+#: What :func:`expected` holds for a partition before ``perform_seek`` set it: nothing is handed over.
+_UNSET = object()
+
+
+def expected(consumer: Any) -> dict[Any, int | None]:
     """TP -> offset of the next record ``consumer``'s fetch loop may hand over (module docstring, 4.)."""
     return _consumer_dict(consumer, EXPECTED)
 
@@ -331,7 +351,7 @@ def _rewound(consumer: Any) -> dict[Any, tuple[int, int]]:
     return _consumer_dict(consumer, REWOUND)
 
 
-def _expect(consumer: Any, tp: Any, offset: int, why: str) -> None:
+def _expect(consumer: Any, tp: Any, offset: int | None, why: str) -> None:
     expected(consumer)[tp] = offset
     _consumer_dict(consumer, RESETS)[tp] = why
 
@@ -395,36 +415,36 @@ def _read_every_record() -> None:
         await perform_seek(self)
         acking = self.app.topics.acks_enabled_for
         read = self._read_offset
+        known = starts(self)
         unknown = []
         for tp in self.assignment():
             if not acking(tp.topic):
                 continue
             committed = read.get(tp)
-            if committed is not None:
-                _expect(self, tp, committed, f"perform_seek (committed {committed})")
-                starts(self).pop(tp, None)
-            else:
+            if committed is None:
                 unknown.append(tp)
+                continue
+            known.pop(tp, None)
+            _expect(self, tp, committed, f"perform_seek (committed {committed})")
+            skipped(self, tp, committed)  # fetched past it meanwhile? seek_back asks the position
         if not unknown:
             return
         try:
             found = await self.earliest_offsets(*unknown)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # the commit then checks no head on them, as Faust does
+        except Exception as exc:  # then the loop takes what comes and the commit checks no head, as Faust
             log.warning("log start of %d partitions with nothing committed not found: %r", len(unknown), exc)
-            for tp in unknown:
-                expected(self).pop(tp, None)
-                starts(self).pop(tp, None)
-            return
+            found = {}
         for tp in unknown:
             start = found.get(tp)
             if start is None:
-                expected(self).pop(tp, None)
-                starts(self).pop(tp, None)
+                known.pop(tp, None)
+                _expect(self, tp, None, "perform_seek (nothing committed, log start unknown)")
                 continue
-            starts(self)[tp] = start
+            known[tp] = start
             _expect(self, tp, start, f"perform_seek (nothing committed, log start {start})")
+            skipped(self, tp, start)
 
     async def seek_expecting(self: Any, partition: Any, offset: int) -> None:
         await seek(self, partition, offset)
@@ -487,6 +507,37 @@ def _no_stale_acks() -> None:
 
     cls.ack = ack_current
     setattr(cls, _APPLIED, True)
+
+
+def _release_what_flow_control_clears() -> None:
+    """Records a flow-control resume drops from the channel queues are released: read again.
+
+    ``FlowControlEvent.resume`` clears every channel queue; Faust's recovery
+    resumes it after its seek to committed offsets, while the fetch loop has
+    been handing records over since the partitions were resumed: those were
+    dropped unprocessed with the fetch position past them (module
+    docstring, 4.).  Each such record of an acknowledged topic is released
+    (:func:`release`: held, and read again).
+    """
+    from mode.utils.queues import FlowControlEvent
+
+    if getattr(FlowControlEvent, _APPLIED, False):
+        return
+    clear = FlowControlEvent.clear
+
+    def clear_releasing(self: Any) -> None:
+        for queue in list(self._queues or ()):
+            for item in list(getattr(queue, "_queue", ())):
+                message = getattr(item, "message", None)
+                app = getattr(item, "app", None)
+                if message is None or app is None or getattr(message, "acked", True):
+                    continue
+                if app.topics.acks_enabled_for(message.topic):
+                    release(app.consumer, message)
+        clear(self)
+
+    FlowControlEvent.clear = clear_releasing
+    setattr(FlowControlEvent, _APPLIED, True)
 
 
 #: Attribute a channel carries when a kernel agent takes its records in batches.
@@ -624,9 +675,12 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                     offset = message.offset
                     acked_topic = acks_enabled_for(message.topic)
                     if acked_topic:  # not Faust's: one expected offset, no gap (module docstring, 4.)
-                        want = get_expected(tp)
-                        accept = want is None or offset == want or (
-                            offset > want and jumped(self, tp, want, offset))
+                        want = get_expected(tp, _UNSET)
+                        if want is _UNSET:  # before perform_seek said where it starts: not yet
+                            accept = False
+                        else:
+                            accept = want is None or offset == want or (
+                                offset > want and jumped(self, tp, want, offset))
                         if accept:
                             if rewound:
                                 rewound.pop(tp, None)  # a rewind came back where it was due
@@ -645,8 +699,8 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                             )
                         if not acked_topic:
                             set_read_offset(tp, offset)
-                    elif acked_topic and offset > want:
-                        pass  # not handed over: read again from the expected offset (jumped)
+                    elif acked_topic and (want is _UNSET or offset > want):
+                        pass  # not handed over: read again from the expected offset
                     else:
                         self.log.dev(
                             "DROPPED MESSAGE ROFF %r: k=%r v=%r",

@@ -217,7 +217,7 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
         consumer.can_resume_flow.set()
         await faust_patches.seek_back(consumer)
     await faust_patches.seek_back(consumer)  # done once: not sought again
-    assert faust_patches.held(consumer)[TP0] == {7, 8}
+    assert {7, 8} <= faust_patches.held(consumer)[TP0]  # until read again
     return seeks
 
 
@@ -236,8 +236,9 @@ async def test_a_partition_not_yet_fetched_past_it_is_never_sought_forward(
 async def test_during_a_rebalance_the_rewind_waits_for_the_flow(
     app: faust.App, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Faust's seek to committed offsets leaves a never-committed partition where it was."""
-    assert await _rewound(app, monkeypatch, position=12, flow_active=False) == [(TP0, 7)]
+    """Faust's seek to committed offsets leaves a never-committed partition where it was: the rewind
+    goes to its log start (0 here), the first record to hand over after the assignment."""
+    assert await _rewound(app, monkeypatch, position=12, flow_active=False) == [(TP0, 0)]
 
 
 async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_before_the_rewind(
@@ -259,6 +260,7 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
     consumer.flow_active = True
     consumer.can_resume_flow.set()
     consumer._committed_offset[TP0] = 7
+    faust_patches.expected(consumer)[TP0] = 7  # as perform_seek sets it
     fetcher = type("Fetcher", (), {"_stopped": asyncio.Event()})()
     position = {"next": 10}  # the partition was fetched up to 9
     rounds: list[list[int]] = [[7, 8, 9]]
@@ -499,3 +501,26 @@ async def test_the_head_of_a_partition_with_nothing_committed_is_its_log_start(
     for offset in (0, 1, 2):
         assert consumer.ack(message(offset, generation_id=1))
     assert consumer._new_offset(TP0) == 5
+
+
+async def test_records_a_flow_control_resume_clears_from_a_channel_are_read_again(
+    app: faust.App, raw_channel: object,
+) -> None:
+    """Faust's recovery resumes flow control after its seek to committed offsets, which clears every
+    channel queue: records the fetch loop had handed over since the partitions were resumed were
+    dropped unprocessed, the fetch position past them."""
+    tp = TP("t-raw", 0)
+    app.topics._acking_topics.add("t-raw")
+    app.consumer_generation_id = 3
+    consumer = app.consumer
+    consumer._committed_offset[tp] = 5
+    app.flow_control.resume()
+    delivery = _delivery(app, {raw_channel})
+    for offset in (5, 6):
+        assert faust_patches.deliver_now(delivery, raw_message(offset))
+    app.flow_control.resume()  # Recovery.on_recovery_completed, after perform_seek
+    assert raw_channel.queue.empty()  # type: ignore[attr-defined]
+    assert faust_patches.held(consumer)[tp] == {5, 6}
+    assert tp in faust_patches.rewinds_due(consumer)
+    assert consumer.ack(raw_message(7))  # a later record, processed
+    assert consumer._new_offset(tp) is None
