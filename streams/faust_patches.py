@@ -526,6 +526,7 @@ def _release_what_flow_control_clears() -> None:
     clear = FlowControlEvent.clear
 
     def clear_releasing(self: Any) -> None:
+        released = []
         for queue in list(self._queues or ()):
             for item in list(getattr(queue, "_queue", ())):
                 message = getattr(item, "message", None)
@@ -534,6 +535,10 @@ def _release_what_flow_control_clears() -> None:
                     continue
                 if app.topics.acks_enabled_for(message.topic):
                     release(app.consumer, message)
+                    released.append(message.tp)
+        if released:
+            log.info("flow control cleared %d records of %d partitions from the channel queues: "
+                     "held, read again", len(released), len(set(released)))
         clear(self)
 
     FlowControlEvent.clear = clear_releasing
