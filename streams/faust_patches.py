@@ -79,7 +79,6 @@ found by measuring and crashing paystream, not by reading.
      handed over, which it would commit past, and Faust's head check
      (``min(acked) - committed > 1``) lets exactly one missing head record
      through even without a gap.
-
    - Records the loop hands over between the agents' partitions being
      resumed and the end of ``Recovery.on_recovery_completed`` go into the
      channel queues, and its ``app.flow_control.resume()`` (after
