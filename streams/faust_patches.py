@@ -47,8 +47,75 @@ found by measuring and crashing paystream, not by reading.
    into the queue.  Whenever that would have to wait (flow suspended by a
    rebalance, a full queue, a full producer buffer) or the partition has any
    other subscriber, the record goes Faust's own way, so back pressure and
-   rebalances behave as before.  The rest of the loop (read offsets, gaps,
-   ``commit_every``) is Faust's, copied; the test pins the original's source.
+   rebalances behave as before.  The rest of the loop (``commit_every``,
+   the read offsets of topics without acknowledgements) is Faust's, copied;
+   the test pins the original's source.
+
+4. **Every record between the committed offset and the commit is handed
+   over.**  Faust decides what the fetch loop hands over with a per-partition
+   *read offset*, and takes any distance between it and the next record as
+   records missing from the log (a *gap*, counted as acknowledged by
+   ``_new_offset``).  Logging the loop in the payment kill -9 test (every
+   fetch, every seek, every gap: 10 and 15 gaps in two of three runs)
+   showed how that goes wrong at start-up, with one consumer generation
+   throughout (static membership: a restarted worker takes its place):
+
+   - Faust's recovery resumes the flow to read the changelogs while the
+     agents' partitions are paused in its own bookkeeping only; aiokafka
+     prefetches every assigned partition, and a fetch returned
+     ``order.created[1] 0..2`` (and ten more) for paused partitions.
+     ``Consumer.getmany`` skips such records, but aiokafka's position is
+     past them.  Faust's seek to committed offsets (``perform_seek``) leaves
+     a partition with nothing committed alone, so they were never read: the
+     next record, 3, was handed over, and as Faust checks no head when
+     nothing is committed (``if committed_offset:``), its acknowledgement
+     lets the next commit pass them.
+   - ``perform_seek`` runs while the loop hands over records (the flow is
+     active); the loop handed over 4..5 of a partition between aiokafka's
+     seek to the committed 4 and Faust setting the read offset back to 4;
+     the next record, 6, was taken as a gap 5..6 (Faust's gap even includes
+     the record itself).  Here 4 and 5 had been delivered, so no harm
+     done; but nothing tells such a gap from records skipped without being
+     handed over, which it would commit past, and Faust's head check
+     (``min(acked) - committed > 1``) lets exactly one missing head record
+     through even without a gap.
+   - Records the loop hands over between the agents' partitions being
+     resumed and the end of ``Recovery.on_recovery_completed`` go into the
+     channel queues, and its ``app.flow_control.resume()`` (after
+     ``perform_seek``) clears every channel queue (mode's
+     ``FlowControlEvent.resume``): dropped unprocessed, the read offset and
+     the fetch position past them.  Read from Faust's and mode's code after
+     the runs above still stalled now and then (a partition whose commit
+     never reached its end): with Faust's head check, one such record at
+     the committed offset is committed past, more stall the partition.
+     With the fix below, the subscription kill -9 test logged it ("flow
+     control cleared 1 records") in a run that passed.
+
+   The fix, for acknowledged topics only (changelogs keep Faust's read
+   offsets): one *expected offset* per partition, the next record the loop
+   may hand over.  Until ``perform_seek`` sets it nothing is handed over;
+   it sets it to the committed offset, or to the log start (looked up)
+   when nothing is committed, and has the partition sought back to it if
+   it was fetched past it meanwhile; a seek sets it to its target; the
+   loop advances it before any ``await``, so a seek made meanwhile wins.  A
+   record before it is dropped (already read); a record after it is not
+   handed over: the expected offset is held (the commit stops before it,
+   :func:`release`'s hold) and the partition is sought back to it between
+   two fetches (:func:`seek_back`, in the consumer's thread: aiokafka is
+   not thread-safe).  Records a flow-control resume (or a rebalance)
+   clears from the channel queues are released: held and read again
+   (:func:`_release_what_flow_control_clears`).  Records fetched for
+   a paused partition are taken out of the fetch before Faust's
+   ``getmany`` sees them, held and read again once it is resumed.  No gap is
+   recorded, unless :data:`HOLE_CONFIRMATIONS` rewinds to one offset each
+   come back with a later record (offsets really missing from the log: a
+   compacted or transactional topic; paystream's acknowledged topics are
+   neither).  And ``_new_offset`` returns nothing while the record at the
+   committed offset, or at the log start when nothing is committed, is not
+   done.  So an offset is committed only once every record from the
+   committed offset (or the log start) up to it was acknowledged or found
+   missing from the log; the price is a record handed over twice when a
+   seek raced the loop (the kernel's decisions are idempotent).
 """
 
 from __future__ import annotations
@@ -71,6 +138,8 @@ def apply() -> None:
     _shorten_fetch_wait()
     _no_stale_acks()
     _hold_commits()
+    _read_every_record()
+    _release_what_flow_control_clears()
     _deliver_to_batch_channels()
 
 
@@ -127,11 +196,16 @@ def release(consumer: Any, message: Any) -> None:
     with ack_lock:
         message.acked = True
         consumer._unacked_messages.discard(message)
-    offsets = held(consumer).setdefault(message.tp, set())
-    first = not offsets or message.offset < min(offsets)
-    offsets.add(message.offset)
-    if first:
+    if _hold(consumer, message.tp, message.offset):
         rewinds_due(consumer).add(message.tp)
+
+
+def _hold(consumer: Any, tp: Any, offset: int) -> bool:
+    """Hold ``tp``'s commit before ``offset``; True if it is now the partition's first held offset."""
+    offsets = held(consumer).setdefault(tp, set())
+    first = not offsets or offset < min(offsets)
+    offsets.add(offset)
+    return first
 
 
 #: Attribute of a consumer: the held partitions the fetch loop is to seek back (:func:`seek_back`).
@@ -152,7 +226,7 @@ async def seek_back(consumer: Any) -> None:
 
     The fetch loop calls this between two fetches, while the flow runs, so
     no record fetched before the seek is handed over after it (one would set
-    Faust's read offset past the held record, and the re-read copy would be
+    the expected offset past the held record, and the re-read copy would be
     dropped as already read).  During a rebalance nothing is sought (the
     partitions stay due); after it (``Consumer.perform_seek``) every held
     partition is due again, wherever the new assignment starts it (its
@@ -161,16 +235,24 @@ async def seek_back(consumer: Any) -> None:
     alone, where aiokafka's reset policy puts it).  So the position is
     asked, and only a partition fetched past the held record is sought back
     to it: never forward, which could skip records (nor with a position
-    asked before a rebalance began: the partition stays due).
+    asked before a rebalance began: the partition stays due).  A partition
+    Faust has paused stays due until it is resumed (what it fetched while
+    paused is not handed over, module docstring 4.).  Each rewind is
+    counted (:func:`jumped` tells a hole in the log by them).
     """
     due = rewinds_due(consumer)
     if not due or not getattr(consumer, "flow_active", True):
         return
+    active = getattr(consumer, "_active_partitions", None)
+    buffered = getattr(consumer, "_buffered_partitions", ())
     for tp in list(due):
-        due.discard(tp)
         offsets = held(consumer).get(tp)
         if not offsets:
+            due.discard(tp)
             continue
+        if active is not None and tp not in active and tp not in buffered:
+            continue  # paused (start-up recovery): what it fetches now is not handed over either
+        due.discard(tp)
         floor = min(offsets)
         generation = getattr(consumer.app, "consumer_generation_id", None)
         try:
@@ -182,7 +264,13 @@ async def seek_back(consumer: Any) -> None:
                 due.add(tp)
                 continue
             if position is None or position > floor:
-                await consumer.seek(tp, floor)
+                # in the consumer's thread, as Faust's own seeks to committed offsets: aiokafka is not
+                # thread-safe, and Faust's Consumer.seek calls it from this one
+                await consumer.seek_wait({tp: floor})
+                _expect(consumer, tp, floor, f"a rewind to {floor}")
+                rewound = _rewound(consumer)
+                last = rewound.get(tp)
+                rewound[tp] = (floor, last[1] + 1 if last and last[0] == floor else 1)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # not assigned here any more, or stopping: the next owner reads it
@@ -220,6 +308,186 @@ def _hold_commits() -> None:
     cls._paystream_holds = True
 
 
+# --------------------------------------------------------------------------
+# 4. Every record between the committed offset and the commit is handed over
+
+#: Attribute of a consumer: TP -> the offset of the next record the fetch loop hands over.
+EXPECTED = "_paystream_expected"
+#: Attribute of a consumer: TP -> first offset of a partition with nothing committed (its log start).
+STARTS = "_paystream_starts"
+#: Attribute of a consumer: TP -> (offset, times) the fetch loop rewound the partition to that offset.
+REWOUND = "_paystream_rewound"
+#: Attribute of a consumer: TP -> what last set the expected offset (for the log).
+RESETS = "_paystream_resets"
+
+#: Rewinds to one offset that each came back with a later first record before the offsets
+#: between are taken as missing from the log (a compacted or transactional topic; paystream's
+#: acknowledged topics are neither, so this only keeps such a partition from rewinding forever).
+HOLE_CONFIRMATIONS = 3
+
+
+def _consumer_dict(consumer: Any, name: str) -> dict[Any, Any]:
+    found: dict[Any, Any] | None = consumer.__dict__.get(name)
+    if found is None:
+        found = {}
+        setattr(consumer, name, found)
+    return found
+
+
+#: What :func:`expected` holds for a partition before ``perform_seek`` set it: nothing is handed over.
+_UNSET = object()
+
+
+def expected(consumer: Any) -> dict[Any, int | None]:
+    """TP -> offset of the next record ``consumer``'s fetch loop may hand over (module docstring, 4.)."""
+    return _consumer_dict(consumer, EXPECTED)
+
+
+def starts(consumer: Any) -> dict[Any, int]:
+    """TP -> log start of each assigned partition that had nothing committed at the last seek."""
+    return _consumer_dict(consumer, STARTS)
+
+
+def _rewound(consumer: Any) -> dict[Any, tuple[int, int]]:
+    return _consumer_dict(consumer, REWOUND)
+
+
+def _expect(consumer: Any, tp: Any, offset: int | None, why: str) -> None:
+    expected(consumer)[tp] = offset
+    _consumer_dict(consumer, RESETS)[tp] = why
+
+
+def skipped(consumer: Any, tp: Any, offset: int) -> None:
+    """The records of ``tp`` from ``offset`` on were not handed over: hold the commit, read them again."""
+    _hold(consumer, tp, offset)
+    rewinds_due(consumer).add(tp)
+
+
+def jumped(consumer: Any, tp: Any, want: int, offset: int) -> bool:
+    """Record ``offset`` came where ``want`` was due: False, it is read again; True, a real hole.
+
+    Only after :data:`HOLE_CONFIRMATIONS` rewinds to ``want`` that each came
+    back with a later record are the offsets between taken as missing from
+    the log: they are added to Faust's gaps (counted as done) and the hold
+    on ``want`` is lifted.
+    """
+    if tp in rewinds_due(consumer) and want in held(consumer).get(tp, ()):
+        return False  # the rest of a fetch already found past it: the rewind is due
+    rewound = _rewound(consumer)
+    last = rewound.get(tp)
+    if last is not None and last[0] == want and last[1] >= HOLE_CONFIRMATIONS:
+        del rewound[tp]
+        log.warning("%s: offsets %d..%d missing from the log (read again %d times from %d, the first "
+                    "record was %d each time): committed past as a gap", tp, want, offset - 1, last[1],
+                    want, offset)
+        gap = consumer._gap[tp]
+        gap.addi(want, offset)
+        gap.merge_overlaps()
+        offsets = held(consumer).get(tp)
+        if offsets:
+            offsets.discard(want)
+        return True
+    log.info("%s: record %d fetched where %d was due (expected offset last set by %s): "
+             "not handed over, read again from %d", tp, offset, want,
+             _consumer_dict(consumer, RESETS).get(tp, "the fetch loop"), want)
+    skipped(consumer, tp, want)
+    return False
+
+
+def _read_every_record() -> None:
+    """Faust's read offsets and gaps, replaced for acknowledged topics by one expected offset.
+
+    Found by logging the fetch loop in the payment kill -9 test (see the
+    module docstring, 4.); applied to the consumer's ``perform_seek``,
+    ``seek``, ``_wait_next_records`` and ``_new_offset``, and used by the
+    fetch loop (:func:`_drain_messages`).
+    """
+    from faust.transport import consumer as faust_consumer
+
+    cls = faust_consumer.Consumer
+    if getattr(cls, "_paystream_every_record", False):
+        return
+    perform_seek = cls.perform_seek
+    seek = cls.seek
+    wait_next_records = cls._wait_next_records
+    new_offset = cls._new_offset
+
+    async def perform_seek_expecting(self: Any) -> None:
+        await perform_seek(self)
+        acking = self.app.topics.acks_enabled_for
+        read = self._read_offset
+        known = starts(self)
+        unknown = []
+        for tp in self.assignment():
+            if not acking(tp.topic):
+                continue
+            committed = read.get(tp)
+            if committed is None:
+                unknown.append(tp)
+                continue
+            known.pop(tp, None)
+            _expect(self, tp, committed, f"perform_seek (committed {committed})")
+            skipped(self, tp, committed)  # fetched past it meanwhile? seek_back asks the position
+        if not unknown:
+            return
+        try:
+            found = await self.earliest_offsets(*unknown)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # then the loop takes what comes and the commit checks no head, as Faust
+            log.warning("log start of %d partitions with nothing committed not found: %r", len(unknown), exc)
+            found = {}
+        for tp in unknown:
+            start = found.get(tp)
+            if start is None:
+                known.pop(tp, None)
+                _expect(self, tp, None, "perform_seek (nothing committed, log start unknown)")
+                continue
+            known[tp] = start
+            _expect(self, tp, start, f"perform_seek (nothing committed, log start {start})")
+            skipped(self, tp, start)
+
+    async def seek_expecting(self: Any, partition: Any, offset: int) -> None:
+        await seek(self, partition, offset)
+        _expect(self, partition, offset, f"a seek to {offset}")
+
+    async def wait_next_records_handed_over(self: Any, timeout: float) -> Any:
+        records, active = await wait_next_records(self, timeout)
+        if records and active is not None:
+            buffered = self._buffered_partitions
+            acking = self.app.topics.acks_enabled_for
+            passed = [tp for tp in records if tp not in active and tp not in buffered and acking(tp.topic)]
+            for tp in passed:
+                # Faust's getmany would skip them (a paused partition) with the fetch position past them
+                fetched = records.pop(tp)
+                if fetched:
+                    skipped(self, tp, fetched[0].offset)
+            if passed:
+                log.info("records of %d paused partitions fetched: held, read again once resumed",
+                         len(passed))
+        return records, active
+
+    def new_offset_from_head(self: Any, tp: Any) -> int | None:
+        acked = self._acked[tp]
+        if acked:
+            committed = self._committed_offset[tp]
+            floor = committed if committed is not None else starts(self).get(tp)
+            if floor is not None:
+                head = min(acked)
+                gap = self._gap.get(tp)
+                if gap:
+                    head = min([head, *(interval.begin for interval in gap.overlap(0, max(acked)))])
+                if head > floor:
+                    return None  # the record at the committed offset (or log start) is not done
+        return new_offset(self, tp)
+
+    cls.perform_seek = perform_seek_expecting
+    cls.seek = seek_expecting
+    cls._wait_next_records = wait_next_records_handed_over
+    cls._new_offset = new_offset_from_head
+    cls._paystream_every_record = True
+
+
 def _no_stale_acks() -> None:
     from faust.transport import consumer as faust_consumer
 
@@ -240,6 +508,42 @@ def _no_stale_acks() -> None:
 
     cls.ack = ack_current
     setattr(cls, _APPLIED, True)
+
+
+def _release_what_flow_control_clears() -> None:
+    """Records a flow-control resume drops from the channel queues are released: read again.
+
+    ``FlowControlEvent.resume`` clears every channel queue; Faust's recovery
+    resumes it after its seek to committed offsets, while the fetch loop has
+    been handing records over since the partitions were resumed: those were
+    dropped unprocessed with the fetch position past them (module
+    docstring, 4.).  Each such record of an acknowledged topic is released
+    (:func:`release`: held, and read again).
+    """
+    from mode.utils.queues import FlowControlEvent
+
+    if getattr(FlowControlEvent, _APPLIED, False):
+        return
+    clear = FlowControlEvent.clear
+
+    def clear_releasing(self: Any) -> None:
+        released = []
+        for queue in list(self._queues or ()):
+            for item in list(getattr(queue, "_queue", ())):
+                message = getattr(item, "message", None)
+                app = getattr(item, "app", None)
+                if message is None or app is None or getattr(message, "acked", True):
+                    continue
+                if app.topics.acks_enabled_for(message.topic):
+                    release(app.consumer, message)
+                    released.append(message.tp)
+        if released:
+            log.info("flow control cleared %d records of %d partitions from the channel queues: "
+                     "held, read again", len(released), len(set(released)))
+        clear(self)
+
+    FlowControlEvent.clear = clear_releasing
+    setattr(FlowControlEvent, _APPLIED, True)
 
 
 #: Attribute a channel carries when a kernel agent takes its records in batches.
@@ -348,6 +652,10 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
     deliveries = self.app.topics.__dict__.setdefault("_paystream_deliveries", {})
     get_delivery = deliveries.get
     due = rewinds_due(self)
+    expecting = expected(self)
+    get_expected = expecting.get
+    set_expected = expecting.__setitem__
+    rewound = _rewound(self)
 
     yield_every = 100
     num_since_yield = 0
@@ -371,14 +679,22 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                         num_since_yield = 0
 
                     offset = message.offset
-                    r_offset = get_read_offset(tp)
-                    if r_offset is None or offset >= r_offset:
-                        gap = offset - (r_offset or 0)
-                        # We have a gap in income messages
-                        if gap > 1 and r_offset:
-                            acks_enabled = acks_enabled_for(message.topic)
-                            if acks_enabled:
-                                await self._add_gap(tp, r_offset + 1, offset)
+                    acked_topic = acks_enabled_for(message.topic)
+                    if acked_topic:  # not Faust's: one expected offset, no gap (module docstring, 4.)
+                        want = get_expected(tp, _UNSET)
+                        if want is _UNSET:  # before perform_seek said where it starts: not yet
+                            accept = False
+                        else:
+                            accept = want is None or offset == want or (
+                                offset > want and jumped(self, tp, want, offset))
+                        if accept:
+                            if rewound:
+                                rewound.pop(tp, None)  # a rewind came back where it was due
+                            set_expected(tp, offset + 1)  # before any await: a seek meanwhile wins
+                    else:
+                        r_offset = get_read_offset(tp)
+                        accept = r_offset is None or offset >= r_offset
+                    if accept:
                         if commit_every is not None:
                             if self._n_acked >= commit_every:
                                 self._n_acked = 0
@@ -387,7 +703,10 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                             await self.wait_first(
                                 callback(message), self.suspend_flow.wait()
                             )
-                        set_read_offset(tp, offset)
+                        if not acked_topic:
+                            set_read_offset(tp, offset)
+                    elif acked_topic and (want is _UNSET or offset > want):
+                        pass  # not handed over: read again from the expected offset
                     else:
                         self.log.dev(
                             "DROPPED MESSAGE ROFF %r: k=%r v=%r",

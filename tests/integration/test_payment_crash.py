@@ -52,6 +52,7 @@ from streams.devtools.localstripe import LocalStripe
 from streams.kernel import CallRefused
 from tests.integration.payment_support import PaymentStack, running_stack
 from tests.integration.pipeline_support import drain
+from tests.integration.worker_process import WorkerProcess
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -150,6 +151,21 @@ class CarefulClient:
         await self.http.aclose()
 
 
+async def kill_and_restart(worker: WorkerProcess, line: str, timeout: float) -> str:
+    """SIGKILL ``worker``, launch it again at once, wait until it serves; ``line`` + how long that took.
+
+    The line is printed too (the crash tests' kill log, replayed in their verdict).
+    """
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, worker.kill)
+    worker.launch()
+    began = time.monotonic()
+    await loop.run_in_executor(None, worker.wait_serving, timeout)
+    line += f": serving again after {time.monotonic() - began:.1f}s"
+    print(line, flush=True)
+    return line
+
+
 class CrashRun:
     def __init__(self, stack: PaymentStack, orders: list[PlannedOrder], rng: random.Random) -> None:
         self.stack = stack
@@ -217,19 +233,11 @@ class CrashRun:
             order.failure = str(exc)
 
     async def kill_and_restart(self, why: str) -> None:
-        loop = asyncio.get_running_loop()
-        worker = self.stack.worker
         at = time.monotonic() - self.began
         line = (f"kill #{len(self.kills) + 1} at {at:5.1f}s ({why}; {self.created} orders answered, "
                 f"{len(self.stack.events('payment.intent.created'))} intents and "
                 f"{len(self.stack.events('payment.completed'))} payments published)")
-        await loop.run_in_executor(None, worker.kill)
-        worker.launch()
-        began = time.monotonic()
-        await loop.run_in_executor(None, worker.wait_serving, SERVE_TIMEOUT)
-        line += f": serving again after {time.monotonic() - began:.1f}s"
-        self.kills.append(line)
-        print(line, flush=True)
+        self.kills.append(await kill_and_restart(self.stack.worker, line, SERVE_TIMEOUT))
 
     async def chaos(self) -> None:
         await asyncio.wait_for(self.burst_answered.wait(), 60)

@@ -77,7 +77,7 @@ from tests.integration.subscription_support import (
     SubscriptionStack,
     subscription_stack,
 )
-from tests.integration.test_payment_crash import CarefulClient, StepFailed
+from tests.integration.test_payment_crash import CarefulClient, StepFailed, kill_and_restart
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -236,20 +236,12 @@ class CrashRun:
             self.delete_sent.set()
 
     async def kill_and_restart(self, why: str) -> None:
-        loop = asyncio.get_running_loop()
-        worker = self.subs.stack.worker
         at = time.monotonic() - self.began
         line = (f"kill #{len(self.kills) + 1} at {at:5.1f}s ({why}; {self.created} subscriptions "
                 f"answered, {len(self.reader.events('subscription.created'))} created, "
                 f"{len(self.reader.events('subscription.canceled'))} canceled and "
                 f"{len(self.reader.events('payment.refunded'))} refunds published)")
-        await loop.run_in_executor(None, worker.kill)
-        worker.launch()
-        began = time.monotonic()
-        await loop.run_in_executor(None, worker.wait_serving, SERVE_TIMEOUT)
-        line += f": serving again after {time.monotonic() - began:.1f}s"
-        self.kills.append(line)
-        print(line, flush=True)
+        self.kills.append(await kill_and_restart(self.subs.stack.worker, line, SERVE_TIMEOUT))
 
     async def chaos(self) -> None:
         await asyncio.wait_for(self.burst_answered.wait(), 90)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import types
+from typing import Any
+
 import faust
 import pytest
 from faust.types import TP, Message
@@ -178,6 +182,7 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
 
     app.consumer_generation_id = 2
     consumer = app.consumer
+    consumer._set_active_tps({TP0})  # assigned, not paused
     consumer.flow_active = flow_active
     if flow_active:
         consumer.can_resume_flow.set()
@@ -185,8 +190,8 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
         consumer.can_resume_flow.clear()
     seeks: list[tuple[TP, int]] = []
 
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        seeks.extend(partitions.items())
 
     async def at(tp: TP) -> int:
         return position
@@ -194,9 +199,14 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
     async def seek_to_committed() -> dict[TP, int | None]:
         return {TP0: None}  # nothing committed: aiokafka leaves the partition where it is
 
-    monkeypatch.setattr(consumer, "seek", seek)
+    async def earliest_offsets(*tps: TP) -> dict[TP, int]:
+        return {tp: 0 for tp in tps}
+
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
     monkeypatch.setattr(consumer, "position", at)
     monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
+    monkeypatch.setattr(consumer, "assignment", lambda: {TP0})
+    monkeypatch.setattr(consumer, "earliest_offsets", earliest_offsets)
     consumer.ack(message(7, generation_id=1))
     consumer.ack(message(8, generation_id=1))  # a later one: the first rewind covers it
     await faust_patches.seek_back(consumer)  # what the fetch loop does before its next fetch
@@ -207,7 +217,7 @@ async def _rewound(app: faust.App, monkeypatch: pytest.MonkeyPatch, *, position:
         consumer.can_resume_flow.set()
         await faust_patches.seek_back(consumer)
     await faust_patches.seek_back(consumer)  # done once: not sought again
-    assert faust_patches.held(consumer)[TP0] == {7, 8}
+    assert {7, 8} <= faust_patches.held(consumer)[TP0]  # until read again
     return seeks
 
 
@@ -226,8 +236,9 @@ async def test_a_partition_not_yet_fetched_past_it_is_never_sought_forward(
 async def test_during_a_rebalance_the_rewind_waits_for_the_flow(
     app: faust.App, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Faust's seek to committed offsets leaves a never-committed partition where it was."""
-    assert await _rewound(app, monkeypatch, position=12, flow_active=False) == [(TP0, 7)]
+    """Faust's seek to committed offsets leaves a never-committed partition where it was: the rewind
+    goes to its log start (0 here), the first record to hand over after the assignment."""
+    assert await _rewound(app, monkeypatch, position=12, flow_active=False) == [(TP0, 0)]
 
 
 async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_before_the_rewind(
@@ -245,16 +256,18 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
 
     app.consumer_generation_id = 2
     consumer = app.consumer
+    consumer._set_active_tps({TP0})
     consumer.flow_active = True
     consumer.can_resume_flow.set()
     consumer._committed_offset[TP0] = 7
+    faust_patches.expected(consumer)[TP0] = 7  # as perform_seek sets it
     fetcher = type("Fetcher", (), {"_stopped": asyncio.Event()})()
     position = {"next": 10}  # the partition was fetched up to 9
     rounds: list[list[int]] = [[7, 8, 9]]
     delivered: list[int] = []
 
-    async def _seek(tp: TP, offset: int) -> None:
-        position["next"] = offset
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        position["next"] = partitions[TP0]
 
     async def at(tp: TP) -> int:
         return position["next"]
@@ -279,7 +292,7 @@ async def test_the_fetch_loop_reads_a_held_record_again_after_records_fetched_be
         if received.offset == 7 and delivered.count(7) == 2:
             consumer.ack(received)
 
-    monkeypatch.setattr(consumer, "_seek", _seek)
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
     monkeypatch.setattr(consumer, "position", at)
     monkeypatch.setattr(consumer, "getmany", getmany)
     monkeypatch.setattr(consumer, "callback", callback)
@@ -298,17 +311,216 @@ async def test_a_position_asked_before_a_rebalance_began_is_not_sought_to(
     consumer.can_resume_flow.set()
     seeks: list[tuple[TP, int]] = []
 
-    async def seek(tp: TP, offset: int) -> None:
-        seeks.append((tp, offset))
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        seeks.extend(partitions.items())
 
     async def at(tp: TP) -> int:
         consumer.stop_flow()  # a rebalance begins while the position is asked
         app.consumer_generation_id = 3
         return 12
 
-    monkeypatch.setattr(consumer, "seek", seek)
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
     monkeypatch.setattr(consumer, "position", at)
     consumer.ack(message(7, generation_id=1))
     await faust_patches.seek_back(consumer)
     assert seeks == []
     assert TP0 in faust_patches.rewinds_due(consumer)  # done once the flow runs again
+
+
+# --------------------------------------------------------------------------
+# 4. Every record between the committed offset and the commit is handed over
+
+
+class FakeFetches:
+    """aiokafka under Faust's real ``getmany`` and the patched fetch loop.
+
+    Each partition has a log (the offsets it holds) and a fetch position.
+    A fetch returns up to ``batch`` records of *every* assigned partition
+    from its position and moves the position past them, whatever Faust has
+    paused: aiokafka prefetches every assigned partition (Faust's pause is
+    its own bookkeeping), which is what the worker's log showed at start-up.
+    ``on_fetch[n]`` runs before the n-th fetch returns (a recovery ending).
+    """
+
+    def __init__(self, app: faust.App, logs: dict[TP, list[int]], committed: dict[TP, int | None],
+                 *, batch: int = 3) -> None:
+        self.app = app
+        self.consumer = consumer = app.consumer
+        self.logs = logs
+        self.committed = committed
+        self.batch = batch
+        self.position = {tp: committed[tp] if committed[tp] is not None else offsets[0]
+                         for tp, offsets in logs.items()}
+        self.fetches = 0
+        self.on_fetch: dict[int, Any] = {}
+        self.delivered: list[int] = []
+        self.fetcher = type("Fetcher", (), {"_stopped": asyncio.Event()})()
+        app.consumer_generation_id = 1
+        consumer.flow_active = True
+        consumer.can_resume_flow.set()
+        for tp, offset in committed.items():
+            consumer._committed_offset[tp] = offset
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        consumer = self.consumer
+        monkeypatch.setattr(consumer, "_getmany", self._getmany)
+        monkeypatch.setattr(consumer, "seek_wait", self._seek_wait)
+        monkeypatch.setattr(consumer, "position", self._position)
+        monkeypatch.setattr(consumer, "seek_to_committed", self._seek_to_committed)
+        monkeypatch.setattr(consumer, "earliest_offsets", self._earliest_offsets)
+        monkeypatch.setattr(consumer, "assignment", lambda: set(self.logs))
+        monkeypatch.setattr(consumer, "highwater", lambda tp: 0)
+        monkeypatch.setattr(consumer, "callback", self._callback)
+
+    async def run(self) -> list[int]:
+        await asyncio.wait_for(faust_patches._drain_messages(self.consumer, self.fetcher), 5)
+        return self.delivered
+
+    async def _getmany(self, active_partitions: set[TP], timeout: float) -> dict[TP, list[Any]]:
+        self.fetches += 1
+        if self.fetches in self.on_fetch:
+            await self.on_fetch[self.fetches]()
+        records = {}
+        for tp, offsets in self.logs.items():
+            found = [o for o in offsets if o >= self.position[tp]][: self.batch]
+            if found:
+                records[tp] = [_record(tp, offset) for offset in found]
+                self.position[tp] = found[-1] + 1
+        done = not records and not faust_patches.rewinds_due(self.consumer)
+        if done and self.fetches > max(self.on_fetch, default=0):
+            self.fetcher._stopped.set()
+        return records
+
+    async def _seek_wait(self, partitions: dict[TP, int]) -> None:
+        self.position.update(partitions)
+
+    async def _position(self, tp: TP) -> int:
+        return self.position[tp]
+
+    async def _seek_to_committed(self) -> dict[TP, int | None]:
+        for tp, offset in self.committed.items():
+            if offset:
+                self.position[tp] = offset
+        return dict(self.committed)
+
+    async def _earliest_offsets(self, *tps: TP) -> dict[TP, int]:
+        return {tp: self.logs[tp][0] for tp in tps}
+
+    async def _callback(self, message: Message) -> None:
+        self.delivered.append(message.offset)
+        await asyncio.sleep(0)
+        self.consumer.ack(message)
+
+
+def _record(tp: TP, offset: int) -> Any:
+    return types.SimpleNamespace(topic=tp.topic, partition=tp.partition, offset=offset, timestamp=1000,
+                                 timestamp_type=0, headers=[], key=b"k", value=b"v", checksum=None,
+                                 serialized_key_size=1, serialized_value_size=1)
+
+
+async def test_records_fetched_while_a_partition_with_nothing_committed_is_paused_are_handed_over(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Seen in the payment kill -9 test's worker log: start-up recovery resumes the flow for the
+    changelogs while the agents' partitions are paused in Faust's bookkeeping only; aiokafka
+    fetched order.created[1] 0..2, Faust's getmany skipped them, the position stayed past them
+    (Faust's seek to committed offsets leaves a partition with nothing committed alone), and the
+    next record, 3, was handed over and committed past them."""
+    fake = FakeFetches(app, {TP0: [0, 1, 2, 3, 4]}, {TP0: None})
+    fake.install(monkeypatch)
+    consumer = app.consumer
+    consumer._set_active_tps({TP("t-changelog", 0)})  # recovery: only the changelogs are read
+    consumer._paused_partitions.add(TP0)
+
+    async def recovery_done() -> None:  # Faust's Recovery.on_recovery_completed
+        consumer.resume_partitions({TP0})
+        await consumer.perform_seek()
+
+    fake.on_fetch[2] = recovery_done
+    assert await fake.run() == [0, 1, 2, 3, 4]
+    assert consumer._new_offset(TP0) == 5
+
+
+async def test_a_record_fetched_past_the_expected_offset_is_not_handed_over_before_those_between(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust took the distance from its read offset (set by its seek to committed offsets) to such a
+    record as a gap in the log and counted it done: the commit passed records no agent processed."""
+    fake = FakeFetches(app, {TP0: list(range(10))}, {TP0: 4})
+    fake.install(monkeypatch)
+    consumer = app.consumer
+    consumer._set_active_tps({TP0})
+
+    async def fetched_past() -> None:  # the seek is done, but the fetch position went on to 6
+        await consumer.perform_seek()
+        fake.position[TP0] = 6
+
+    fake.on_fetch[1] = fetched_past
+    delivered = await fake.run()
+    assert delivered[0] == 4 and sorted(set(delivered)) == list(range(4, 10))
+    assert not consumer._gap.get(TP0)
+    assert consumer._new_offset(TP0) == 10
+
+
+async def test_offsets_really_missing_from_the_log_are_committed_past_after_reading_them_again(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A compacted or transactional topic has holes: the partition must not rewind forever."""
+    fake = FakeFetches(app, {TP0: [1, 4, 5]}, {TP0: 1})
+    fake.install(monkeypatch)
+    consumer = app.consumer
+    consumer._set_active_tps({TP0})
+    fake.on_fetch[1] = consumer.perform_seek
+    assert await fake.run() == [1, 4, 5]
+    assert consumer._new_offset(TP0) == 6
+
+
+def test_a_single_missing_head_record_is_not_committed_past(app: faust.App) -> None:
+    """Faust's head check (``min(acked) - committed > 1``) let exactly one missing record pass."""
+    app.consumer_generation_id = 1
+    consumer = app.consumer
+    consumer._committed_offset[TP0] = 4
+    for offset in (5, 6):
+        assert consumer.ack(message(offset, generation_id=1))
+    assert consumer._new_offset(TP0) is None
+    assert consumer.ack(message(4, generation_id=1))
+    assert consumer._new_offset(TP0) == 7
+
+
+async def test_the_head_of_a_partition_with_nothing_committed_is_its_log_start(
+    app: faust.App, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Faust checks no head at all when nothing was committed (``if committed_offset:``)."""
+    fake = FakeFetches(app, {TP0: [0, 1, 2, 3, 4]}, {TP0: None})
+    fake.install(monkeypatch)
+    consumer = app.consumer
+    await consumer.perform_seek()  # after the assignment: the log start is looked up
+    for offset in (3, 4):
+        assert consumer.ack(message(offset, generation_id=1))
+    assert consumer._new_offset(TP0) is None
+    for offset in (0, 1, 2):
+        assert consumer.ack(message(offset, generation_id=1))
+    assert consumer._new_offset(TP0) == 5
+
+
+async def test_records_a_flow_control_resume_clears_from_a_channel_are_read_again(
+    app: faust.App, raw_channel: object,
+) -> None:
+    """Faust's recovery resumes flow control after its seek to committed offsets, which clears every
+    channel queue: records the fetch loop had handed over since the partitions were resumed were
+    dropped unprocessed, the fetch position past them."""
+    tp = TP("t-raw", 0)
+    app.topics._acking_topics.add("t-raw")
+    app.consumer_generation_id = 3
+    consumer = app.consumer
+    consumer._committed_offset[tp] = 5
+    app.flow_control.resume()
+    delivery = _delivery(app, {raw_channel})
+    for offset in (5, 6):
+        assert faust_patches.deliver_now(delivery, raw_message(offset))
+    app.flow_control.resume()  # Recovery.on_recovery_completed, after perform_seek
+    assert raw_channel.queue.empty()  # type: ignore[attr-defined]
+    assert faust_patches.held(consumer)[tp] == {5, 6}
+    assert tp in faust_patches.rewinds_due(consumer)
+    assert consumer.ack(raw_message(7))  # a later record, processed
+    assert consumer._new_offset(tp) is None
