@@ -132,3 +132,31 @@ async def test_unbatched_writes_reach_the_database_at_once(parts: Any) -> None:
     io.put(event(4), b"k", {"v": 2})
     assert store._db_for_partition(4).get(b"k") == b'{"v":2}'
     await io.flush()
+
+
+async def test_acknowledged_changelog_offsets_are_persisted_at_most_every_persist_every(
+    parts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _producer, table, app = parts
+    persisted: list[tuple[Any, int]] = []
+    store.set_persisted_offset = lambda tp, offset: persisted.append((tp.partition, offset))
+    clock = [1000.0]
+    monkeypatch.setattr("streams.table_io.time.monotonic", lambda: clock[0])
+    io = TableIO(app, table, batched=True, persist_every=1.0)
+    io.put(event(1), b"a", {"n": 1})
+    await io.flush()
+    for _ in range(3):
+        await asyncio.sleep(0)  # the acks' callbacks note the offsets
+    io.persist_offsets()
+    assert persisted == [(1, 0)]  # the first call writes
+    io.put(event(1), b"a", {"n": 2})
+    io.put(event(2), b"b", {"n": 3})
+    await io.flush()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    clock[0] += 0.5
+    io.persist_offsets()
+    assert persisted == [(1, 0)]  # within a second of the last write: nothing yet, nothing lost
+    clock[0] += 0.6
+    io.persist_offsets()
+    assert sorted(persisted[1:]) == [(1, 1), (2, 2)]  # the newest acknowledged offset per partition
