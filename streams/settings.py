@@ -60,7 +60,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "PAYSTREAM_DLQ_REPLAY_LIMIT": ("dlq_replay_limit", "3"),
     # Prometheus metrics (streams.metrics): on, or off to run without them.
     "PAYSTREAM_METRICS": ("metrics", "on"),
-    # The worker's event loop (streams.app.install_event_loop): uvloop, or asyncio's own.
+    # The worker's event loop (streams.event_loop): uvloop, or asyncio's own.
     "PAYSTREAM_EVENT_LOOP": ("event_loop", "uvloop"),
 }
 
