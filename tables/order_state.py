@@ -292,9 +292,7 @@ class Order:
         ``dataclasses.asdict``, whose generic deep copy costs more than the
         rest of a decision on the agent's hot path.
         """
-        data = {name: getattr(self, name) for name in _ORDER_FIELD_ORDER}
-        data["status"] = self.status.value
-        return _copied(data)
+        return _copied(self.stored())
 
     def stored(self) -> dict[str, Any]:
         """What the table stores: :meth:`to_dict` without the copies.
@@ -303,7 +301,7 @@ class Order:
         the value at once (the flow's ``dump``); rows are not changed in place
         once decided (:func:`_evolve` works on a copy).
         """
-        data = {name: getattr(self, name) for name in _ORDER_FIELD_ORDER}
+        data = _vars_of(self)
         data["status"] = self.status.value
         return data
 

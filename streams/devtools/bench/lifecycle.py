@@ -276,10 +276,11 @@ def run_raw(run: BenchRun, options: LifecycleOptions, *, roles: Roles | None,
 def run_lifecycle(run: BenchRun, options: LifecycleOptions) -> list[Side]:
     """Ours, then raw-with-state (ours' records per input by role), then raw-without-state."""
     sides: list[Side] = []
-    producer, max_records, commit_interval = worker_producer_config(run.settings("life-ours"))
+    worker_settings = run.settings("life-ours")
+    producer, max_records, commit_interval = worker_producer_config(worker_settings)
     print(f"  worker producer (Faust conf, used by the raw loops too): {producer}; "
           f"max poll records {max_records}; commit interval {commit_interval:g} s; "
-          f"event loop {run.settings('life-ours').event_loop} on every side but the driver's", flush=True)
+          f"event loop {worker_settings.event_loop} on every side but the driver's", flush=True)
     try:
         ours = run_ours(run, options)
         sides.append(ours)
@@ -376,6 +377,11 @@ def differences(ours: Side | None, raw: Side | None, commit_interval: float) -> 
         "with the worker's settings and await every ack of a batch before its offsets",
         "ours' consumer runs in Faust's consumer thread (its own event loop, records handed over per "
         "fetch); raw's aiokafka consumer runs in the loop's own thread",
+        "ours writes a batch's rows and deadline keys into one RocksDB write batch per partition and "
+        "records its changelog offsets in the store once a second; raw puts record by record and "
+        "records no offsets",
+        "the same: the event loop kind (PAYSTREAM_EVENT_LOOP) on both; ours runs the order path only "
+        "(PAYSTREAM_DOMAINS=orders), raw consumes the driver's three inputs and its index topic",
     ]
     if ours and raw and abs(ours.records_per_input - raw.records_per_input) > 0.05:
         lines.append(f"records per input differ: ours {ours.records_per_input:.2f}, "
