@@ -10,6 +10,14 @@ records by partition instead and hands each group to the *same* aiokafka
 producer as one ``BatchBuilder`` (``create_batch``/``send_batch``, aiokafka's
 public batch API): one future per partition and request.
 
+A group whose partition already has a batch waiting in the producer's
+accumulator is appended to that batch first, as ``send`` does.  aiokafka's
+sender puts one batch per partition into a produce request, and
+``send_batch`` waits until the partition's waiting batch is taken; a batch of
+each call's own then waited a request behind the last, and the broker
+handled many small batches (``paystream bench orders``: the broker's CPU
+per input fell by a fifth with this, the worker's by a tenth or more).
+
 What stays as it was:
 
 - the producer: Faust's own aiokafka producer (``acks``, linger, batch size,
@@ -21,7 +29,9 @@ What stays as it was:
   does), so co-partitioning holds; with aiokafka's ``DefaultPartitioner``
   its rule for a keyed record is applied here, the key's hash remembered;
 - order: records of one partition keep the order they were handed over in,
-  in one batch, or in consecutive batches when they exceed the batch size;
+  in one batch, or in consecutive batches when they exceed the batch size
+  (a waiting batch is the partition's last; one built for a retry is
+  closed, and nothing is appended to it);
 - refusals: a record larger than the producer's ``max_request_size`` raises
   ``MessageSizeTooLargeError`` before anything of the call is queued, as
   ``AIOKafkaProducer.send`` would for that record; an ack failure fails the
@@ -33,8 +43,10 @@ double) is handed the records one at a time through Faust's ``send``.
 Private parts used (checked by ``tests/unit/test_bulk_send.py``):
 faust-streaming's ``Producer._ensure_producer`` (the aiokafka producer;
 faust-streaming pinned <0.16 in setup.cfg) and aiokafka's
-``AIOKafkaProducer._serialize`` (size check), ``_max_request_size`` and
-``_partitioner``.
+``AIOKafkaProducer._serialize`` (size check), ``_max_request_size``,
+``_partitioner``, ``_txn_manager`` and ``_message_accumulator`` (its
+``_batches``, ``_closed`` and ``_exception``; a ``MessageBatch``'s
+``_builder`` and ``future``).
 """
 
 from __future__ import annotations
@@ -45,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiokafka.partitioner import DefaultPartitioner, murmur2
+from aiokafka.structs import TopicPartition
 
 #: Bytes a record's framing adds at most to its key, value and headers, in
 #: aiokafka's size estimate (varints, attributes, headers' counts; generous).
@@ -64,14 +77,15 @@ Record = tuple[str, bytes | None, bytes | None, int | None, Sequence[tuple[str, 
 class Sent:
     """One batch handed to the producer: its ack future, where it went, how many records."""
 
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any]  # resolves to the batch's metadata: its first offset
     topic: str
     partition: int
-    count: int
+    count: int  # records of the call in the batch
+    last_index: int  # the last of them, counted from the batch's first record
 
     def last_offset(self) -> int:
-        """The offset of the batch's last record (once the future is done)."""
-        return int(self.future.result().offset) + self.count - 1
+        """The offset of the call's last record in the batch (once the future is done)."""
+        return int(self.future.result().offset) + self.last_index
 
 
 def kafka_producer(app: Any) -> Any:
@@ -87,7 +101,7 @@ async def send_all(app: Any, records: Sequence[Record]) -> list[Sent]:
     """
     if not hasattr(app.producer, "_ensure_producer"):  # not Faust's aiokafka driver (a test double)
         return [Sent(await app.producer.send(topic, key, value, partition, None, headers),
-                     topic, -1 if partition is None else partition, 1)
+                     topic, -1 if partition is None else partition, 1, 0)
                 for topic, key, value, partition, headers in records]
     producer = kafka_producer(app)
     cluster = producer.client.cluster
@@ -120,15 +134,62 @@ async def send_all(app: Any, records: Sequence[Record]) -> list[Sent]:
                 partition = partitioner(key, *known)
         groups.setdefault((topic, partition), []).append((key, value, headers))
     sent: list[Sent] = []
+    queued = _queued_batches(producer)
     for (topic, partition), group in groups.items():
+        start = 0
+        if queued is not None:
+            start = _append_to_queued(queued, topic, partition, group, sent)
         builder, count = producer.create_batch(), 0
-        for key, value, headers in group:
+        for key, value, headers in group[start:] if start else group:
             if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 sent.append(Sent(await producer.send_batch(builder, topic, partition=partition),
-                                 topic, partition, count))
+                                 topic, partition, count, count - 1))
                 builder, count = producer.create_batch(), 0
                 builder.append(timestamp=None, key=key, value=value, headers=headers)
             count += 1
-        sent.append(Sent(await producer.send_batch(builder, topic, partition=partition),
-                         topic, partition, count))
+        if count:
+            sent.append(Sent(await producer.send_batch(builder, topic, partition=partition),
+                             topic, partition, count, count - 1))
     return sent
+
+
+def _queued_batches(producer: Any) -> Any:
+    """The accumulator's not yet sent batches by partition, or None where they may not be added to.
+
+    A transactional producer's batches belong to their transaction, and a
+    closed or failed accumulator refuses records (``send_batch`` raises why).
+    """
+    accumulator = producer._message_accumulator
+    txn = producer._txn_manager
+    if accumulator._closed or accumulator._exception is not None or (
+            txn is not None and txn.transactional_id is not None):
+        return None
+    return accumulator._batches
+
+
+def _append_to_queued(queued: Any, topic: str, partition: int,
+                      group: list[tuple[bytes | None, bytes | None, list[Any]]], sent: list[Sent]) -> int:
+    """Add the head of ``group`` to the partition's last batch still waiting to be sent; how many.
+
+    aiokafka's sender takes ONE batch per partition into each produce
+    request, and ``send_batch`` waits until the partition's queued batch is
+    taken: a batch of its own per call would wait a request (a round trip)
+    behind the last.  Appended to the queued batch (as ``send`` does), the
+    records go with it.  Order holds: that batch is the partition's last, and
+    a batch already built for sending (a retry) is closed, so nothing is
+    appended to it.
+    """
+    batches = queued.get(TopicPartition(topic, partition))
+    if not batches:
+        return 0
+    batch = batches[-1]
+    builder = batch._builder
+    appended, last = 0, None
+    for key, value, headers in group:
+        metadata = builder.append(timestamp=None, key=key, value=value, headers=headers)
+        if metadata is None:  # full (or closed): the rest goes in a new batch
+            break
+        appended, last = appended + 1, metadata
+    if last is not None:
+        sent.append(Sent(asyncio.shield(batch.future), topic, partition, appended, last.offset))
+    return appended

@@ -9,6 +9,7 @@ instead of as an encoder failure deep in a send.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -120,10 +121,15 @@ def new_event(
 def _event_id(topic: str, given: str | uuid.UUID | None) -> str:
     if given is None:
         return str(uuid.uuid4())
+    if type(given) is str and _CANONICAL_UUID.fullmatch(given):
+        return given  # already what str(UUID(given)) would give (every derived id): no parse
     try:
         return str(given if isinstance(given, uuid.UUID) else uuid.UUID(str(given)))
     except ValueError:
         raise InvalidEvent(topic, f"event_id {given!r} is not a UUID", ["event_id"]) from None
+
+
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _correlation_id(topic: str, cause: Mapping[str, Any] | None, given: str | None) -> str:

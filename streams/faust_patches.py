@@ -553,7 +553,8 @@ BATCH_CHANNEL = "_paystream_batch_channel"
 class _Delivery:
     """One partition's synchronous delivery into a kernel channel (see :func:`deliver_now`)."""
 
-    __slots__ = ("app", "buffer", "channels", "event_cls", "on_pressure_drop", "on_pressure_high", "tp")
+    __slots__ = ("app", "buffer", "buffer_threaded", "channels", "event_cls", "on_pressure_drop",
+                 "on_pressure_high", "tp")
 
     def __init__(self, conductor: Any, tp: Any, channels: Any) -> None:
         app = conductor.app
@@ -562,6 +563,8 @@ class _Delivery:
         self.channels = channels  # the conductor's live set for this partition
         self.event_cls = app.conf.Event  # what app.create_event makes, looked up once
         self.buffer = app.producer.buffer
+        # what ProducerBuffer.size reads from the settings on every call, read once
+        self.buffer_threaded = bool(app.conf.producer_threaded)
         consumer = app.consumer
         on_topic_buffer_full = app.sensors.on_topic_buffer_full
 
@@ -576,6 +579,13 @@ class _Delivery:
         self.on_pressure_drop = on_pressure_drop
 
 
+def _buffered(buffer: Any, threaded: bool) -> int:
+    """``ProducerBuffer.size`` without its settings lookup (hot: once per fetched record)."""
+    if threaded:
+        return len(buffer.queue._queue) if buffer.queue else 0
+    return len(buffer.pending._queue)
+
+
 def deliver_now(delivery: _Delivery | None, message: Any) -> bool:
     """Deliver ``message`` to its kernel channel without waiting; False: go Faust's way."""
     if delivery is None or len(delivery.channels) != 1:
@@ -586,7 +596,8 @@ def deliver_now(delivery: _Delivery | None, message: Any) -> bool:
         app = delivery.app
         queue = channel.queue
         buffer = delivery.buffer
-        if queue.full() or not app.flow_control.is_active() or buffer.size > buffer.max_messages:
+        if queue.full() or not app.flow_control.is_active() or \
+                _buffered(buffer, delivery.buffer_threaded) > buffer.max_messages:
             return False
         message.incref(1)
         queue.put_nowait_enhanced(

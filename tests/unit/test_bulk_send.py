@@ -117,3 +117,56 @@ async def test_a_record_over_the_request_size_is_refused_before_anything_is_queu
         await bulk_send.send_all(app, [("t", b"a", b"small", None, None),
                                        ("t", b"b", bytes(5000), None, None)])
     assert handed == []
+
+
+def _waiting_batch(app: Any, topic: str, partition: int, *records: tuple[bytes, bytes]) -> Any:
+    """A batch queued in the producer's accumulator, not yet taken by the sender."""
+    from aiokafka.structs import TopicPartition
+
+    accumulator = app.producer.producer._message_accumulator
+    builder = accumulator.create_builder()
+    for key, value in records:
+        builder.append(timestamp=None, key=key, value=value)
+    return accumulator._append_batch(builder, TopicPartition(topic, partition))
+
+
+async def test_records_join_their_partitions_waiting_batch(batches: Any) -> None:
+    app, handed = batches
+    waiting = _waiting_batch(app, "t", 3, (b"a", b"1"), (b"b", b"2"))
+    sent = await bulk_send.send_all(app, [("t", b"c", b"3", 3, None), ("t", b"d", b"4", 3, None),
+                                          ("t", b"e", b"5", 4, None)])
+    assert [(topic, partition) for topic, partition, _records in handed] == [("t", 4)]  # 3 joined
+    built = [(r.key, r.value) for batch in _read_batches(waiting._builder._build()) for r in batch]
+    assert built == [(b"a", b"1"), (b"b", b"2"), (b"c", b"3"), (b"d", b"4")]
+    joined = next(s for s in sent if s.partition == 3)
+    assert (joined.count, joined.last_index) == (2, 3)
+    waiting.done(base_offset=500)
+    await joined.future
+    assert joined.last_offset() == 503  # the call's last record, not the batch's first
+
+
+async def test_a_full_waiting_batch_takes_what_fits_and_the_rest_follows_in_order(batches: Any) -> None:
+    app, handed = batches
+    waiting = _waiting_batch(app, "t", 3, (b"a", bytes(600)))
+    sent = await bulk_send.send_all(app, [("t", b"k%d" % n, bytes(200), 3, None) for n in range(6)])
+    in_waiting = [r.key for batch in _read_batches(waiting._builder._build()) for r in batch]
+    after = [key for _t, _p, batch in handed for key, _v in batch]
+    assert in_waiting[0] == b"a" and 1 <= len(in_waiting) - 1 < 6
+    assert in_waiting[1:] + after == [b"k%d" % n for n in range(6)]
+    assert sum(s.count for s in sent) == 6
+
+
+async def test_a_waiting_batch_built_for_a_retry_or_in_a_transaction_is_left_alone(batches: Any) -> None:
+    app, handed = batches
+    retried = _waiting_batch(app, "t", 3, (b"a", b"1"))
+    retried._builder._build()  # built (closed) when first sent: a retry sends it as it was
+    await bulk_send.send_all(app, [("t", b"b", b"2", 3, None)])
+    assert [key for _t, _p, batch in handed for key, _v in batch] == [b"b"]
+
+    handed.clear()
+    open_batch = _waiting_batch(app, "u", 1, (b"a", b"1"))
+    app.producer.producer._txn_manager = type("Txn", (), {"transactional_id": "tx-1"})()
+    await bulk_send.send_all(app, [("u", b"b", b"2", 1, None)])
+    assert [key for _t, _p, batch in handed for key, _v in batch] == [b"b"]
+    assert open_batch.record_count == 1
+    app.producer.producer._txn_manager = None

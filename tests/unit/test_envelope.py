@@ -157,6 +157,8 @@ def test_given_event_id_is_kept_in_canonical_form() -> None:
     assert event["event_id"] == str(stable)
     assert new_event("order.created", order_created_payload(), producer="order_service",
                      event_id=stable)["event_id"] == str(stable)
+    assert new_event("order.created", order_created_payload(), producer="order_service",
+                     event_id=str(stable))["event_id"] == str(stable)
     with pytest.raises(InvalidEvent, match="event_id") as info:
         new_event("order.created", order_created_payload(), producer="order_service",
                   event_id="evt_123")

@@ -135,6 +135,13 @@ async def test_delivery_goes_fausts_way_whenever_it_would_have_to_wait(app: faus
     assert faust_patches.deliver_now(_delivery(app, {raw_channel, other}), message) is False
     unmarked = app.topic("t-raw", key_serializer="raw", value_serializer="raw").clone(is_iterator=True)
     assert faust_patches.deliver_now(_delivery(app, {unmarked}), message) is False
+    pending = app.producer.buffer.pending  # the producer's buffer over its limit: Faust waits
+    for _ in range(app.producer.buffer.max_messages + 1):
+        pending.put_nowait(object())
+    assert faust_patches._buffered(app.producer.buffer, False) == app.producer.buffer.size
+    assert faust_patches.deliver_now(_delivery(app, {raw_channel}), message) is False
+    while not pending.empty():
+        pending.get_nowait()
     queue = raw_channel.queue  # type: ignore[attr-defined]
     for _ in range(queue.maxsize):
         queue.force_put_nowait(object())
