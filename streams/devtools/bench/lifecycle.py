@@ -371,7 +371,8 @@ def differences(ours: Side | None, raw: Side | None, commit_interval: float) -> 
         f"ours commits offsets on Faust's timer (every {commit_interval:g} s) after the acks; raw commits "
         "each batch's offsets (inputs and index topic) right after that batch's acks, without waiting "
         "for the commit",
-        "ours hands a batch's records to aiokafka as one batch per partition (create_batch/send_batch) and "
+        "ours hands a batch's records to aiokafka as one batch per partition (create_batch/send_batch, "
+        "or appended to the partition's batch still waiting to be sent) and "
         "takes fetched records off its channel queue in lists; raw sends record by record (aiokafka "
         "send, or confluent produce) from the records getmany/consume returned; both on one producer "
         "with the worker's settings and await every ack of a batch before its offsets",
