@@ -38,6 +38,13 @@ CURRENCY = "EUR"
 class Stalled(RuntimeError):
     """A part made no progress for too long (a stuck worker, a dead-lettered input)."""
 
+#: The order parts run the order path only, as a worker deployed for it would:
+#: the payment and subscription agents' idle partitions would otherwise ride
+#: in every fetch, and the payment agent, reacting to order.created with no
+#: Stripe to call, would retry its batch and fill its channel (see README,
+#: "One domain waiting holds the others").
+ORDERS_ONLY = "orders"
+
 
 # ----------------------------------------------------------------------
 # Numbers and the machine

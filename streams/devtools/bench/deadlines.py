@@ -26,6 +26,7 @@ import uuid
 from typing import Any
 
 from streams.devtools.bench.common import (
+    ORDERS_ONLY,
     BenchRun,
     Observer,
     Prober,
@@ -52,7 +53,7 @@ class DeadlineOptions:
 
 
 def _expiry_run(run: BenchRun, part: str, count: int, span: float, window: float) -> dict[str, Any]:
-    settings = run.settings(part)
+    settings = run.settings(part, domains=ORDERS_ONLY)
     create_part_topics(settings)
     prober = Prober(settings)
     worker, ready = start_worker(settings, prober)

@@ -30,6 +30,7 @@ from typing import Any
 
 from streams import catalog
 from streams.devtools.bench.common import (
+    ORDERS_ONLY,
     PARTITIONS,
     BenchRun,
     Prober,
@@ -52,9 +53,6 @@ from tables.order_index import USER_ORDERS
 #: The user -> orders index table's changelog, as a suffix of its topic name
 #: (Faust names it ``{app id}-{table}-changelog``).
 INDEX_CHANGELOG_SUFFIX = f"-{USER_ORDERS.name}-changelog"
-#: Ours runs the order path only, as a worker deployed for it would: the payment and
-#: subscription agents' idle partitions would otherwise ride in every fetch.
-ORDERS_ONLY = "orders"
 
 
 @dataclasses.dataclass(frozen=True)

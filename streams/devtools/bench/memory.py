@@ -27,6 +27,7 @@ import uuid
 from typing import Any
 
 from streams.devtools.bench.common import (
+    ORDERS_ONLY,
     BenchRun,
     Prober,
     Stalled,
@@ -122,7 +123,7 @@ async def _measure(settings: Settings, timeout: float = 3600.0) -> dict[str, Any
 
 
 def run_memory(run: BenchRun, orders: int) -> None:
-    settings = run.settings("memory")
+    settings = run.settings("memory", domains=ORDERS_ONLY)
     create_part_topics(settings)
     prober = Prober(settings)
     worker, ready = start_worker(settings, prober)
