@@ -531,3 +531,78 @@ async def test_records_a_flow_control_resume_clears_from_a_channel_are_read_agai
     assert tp in faust_patches.rewinds_due(consumer)
     assert consumer.ack(raw_message(7))  # a later record, processed
     assert consumer._new_offset(tp) is None
+
+
+# --------------------------------------------------------------------------
+# 5. A full kernel channel does not stop the fetch loop
+
+
+async def test_a_full_kernel_channel_hands_its_records_back_and_the_loop_goes_on(
+    app: faust.App, raw_channel: object, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Records for a full kernel channel are not waited on (Faust's put would stop every partition):
+    held, read again from the first of them once the channel drained; another partition goes on."""
+    import asyncio
+
+    tp, other = TP("t-raw", 0), TP("t-other", 0)
+    app.topics._acking_topics.update({"t-raw", "t-other"})
+    app.consumer_generation_id = 3
+    consumer = app.consumer
+    consumer._set_active_tps({tp, other})
+    consumer.flow_active = True
+    consumer.can_resume_flow.set()
+    app.flow_control.resume()
+    consumer._committed_offset[tp] = 5
+    faust_patches.expected(consumer).update({tp: 5, other: 0})
+    delivery = _delivery(app, {raw_channel})
+    queue = raw_channel.queue  # type: ignore[attr-defined]
+    for _ in range(queue.maxsize):
+        queue.force_put_nowait(object())  # the agent is stuck: its channel is full
+    fetcher = type("Fetcher", (), {"_stopped": asyncio.Event()})()
+    position = {tp: 8}
+    other_delivered: list[int] = []
+    rounds = 0
+
+    async def seek_wait(partitions: dict[TP, int]) -> None:
+        position.update(partitions)
+
+    async def at(asked: TP) -> int:
+        return position[asked]
+
+    async def getmany(timeout: float):  # type: ignore[no-untyped-def]
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:  # the full channel's partition, then another one's record
+            for offset in (5, 6, 7):
+                yield tp, Message("t-raw", 0, offset, 1.5, 0, [], b"key", b"v", None, generation_id=3)
+            yield other, Message("t-other", 0, 0, 1.5, 0, [], b"k", b"v", None, generation_id=3)
+        elif rounds == 2:  # the agent catches up: its queue drains, Faust fetches the partition again
+            assert tp not in consumer._active_partitions  # not fetched while its channel is full
+            assert faust_patches.held(consumer)[tp] == {5}
+            assert position[tp] == 5  # sought back to the first record handed back
+            while not queue.empty():
+                queue.get_nowait()
+            assert tp in consumer._active_partitions
+        elif rounds == 3:
+            for offset in range(position[tp], 8):
+                yield tp, Message("t-raw", 0, offset, 1.5, 0, [], b"key", b"v", None, generation_id=3)
+            position[tp] = 8
+        else:
+            fetcher._stopped.set()
+
+    async def callback(received: Message) -> None:
+        other_delivered.append(received.offset)
+
+    monkeypatch.setattr(consumer, "seek_wait", seek_wait)
+    monkeypatch.setattr(consumer, "position", at)
+    monkeypatch.setattr(consumer, "getmany", getmany)
+    monkeypatch.setattr(consumer, "callback", callback)
+    await asyncio.wait_for(faust_patches._drain_messages(consumer, fetcher), 5)
+    assert other_delivered == [0]  # the other partition was not held up
+    assert delivery is app.topics.__dict__["_paystream_deliveries"][tp]
+    taken = [queue.get_nowait() for _ in range(queue.qsize())]
+    assert [event.message.offset for event in taken] == [5, 6, 7]  # read again, in order, once
+    assert consumer._new_offset(tp) is None  # held until they are processed
+    for event in taken:
+        consumer.ack(event.message)
+    assert consumer._new_offset(tp) == 8
