@@ -606,3 +606,48 @@ async def test_a_full_kernel_channel_hands_its_records_back_and_the_loop_goes_on
     for event in taken:
         consumer.ack(event.message)
     assert consumer._new_offset(tp) == 8
+
+
+async def test_a_busy_kernel_channel_that_makes_room_within_the_wait_gets_the_record(
+    app: faust.App, raw_channel: object, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backlog is not fetched twice: an agent that takes from its full channel within
+    HAND_BACK_AFTER gets the record in order, nothing is held or sought."""
+    import asyncio
+
+    tp = TP("t-raw", 0)
+    app.topics._acking_topics.add("t-raw")
+    app.consumer_generation_id = 3
+    consumer = app.consumer
+    consumer._set_active_tps({tp})
+    consumer.flow_active = True
+    consumer.can_resume_flow.set()
+    app.flow_control.resume()
+    faust_patches.expected(consumer)[tp] = 5
+    _delivery(app, {raw_channel})
+    queue = raw_channel.queue  # type: ignore[attr-defined]
+    for _ in range(queue.maxsize):
+        queue.force_put_nowait(object())
+    fetcher = type("Fetcher", (), {"_stopped": asyncio.Event()})()
+    fetched = False
+
+    async def getmany(timeout: float):  # type: ignore[no-untyped-def]
+        nonlocal fetched
+        if fetched:
+            fetcher._stopped.set()
+            return
+        fetched = True
+        yield tp, Message("t-raw", 0, 5, 1.5, 0, [], b"key", b"v", None, generation_id=3)
+
+    async def agent() -> None:  # takes a batch a little later
+        await asyncio.sleep(0.05)
+        for _ in range(100):
+            queue.get_nowait()
+
+    monkeypatch.setattr(consumer, "getmany", getmany)
+    taking = asyncio.ensure_future(agent())
+    await asyncio.wait_for(faust_patches._drain_messages(consumer, fetcher), 5)
+    await taking
+    assert queue._queue[-1].message.offset == 5  # delivered after the room was made  # type: ignore[attr-defined]
+    assert not faust_patches.held(consumer).get(tp)
+    assert tp not in faust_patches.rewinds_due(consumer)

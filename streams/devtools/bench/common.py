@@ -41,8 +41,7 @@ class Stalled(RuntimeError):
 #: The order parts run the order path only, as a worker deployed for it would:
 #: the payment and subscription agents' idle partitions would otherwise ride
 #: in every fetch, and the payment agent, reacting to order.created with no
-#: Stripe to call, would retry its batch and fill its channel (see README,
-#: "One domain waiting holds the others").
+#: Stripe to call, would retry its batches all along.
 ORDERS_ONLY = "orders"
 
 
