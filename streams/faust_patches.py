@@ -136,6 +136,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -642,10 +643,25 @@ def full(delivery: _Delivery | None) -> bool:
     return queue is not None and queue.full() and delivery.app.flow_control.is_active()  # type: ignore[union-attr]
 
 
+#: Attribute of a kernel channel's queue: monotonic time of its last hand-back.
+HANDED_BACK_AT = "_paystream_handed_back_at"
+#: After a hand-back the channel's agent is likely stuck: the next records for it, from
+#: its other partitions, wait this long instead, for this many seconds.
+HAND_BACK_AGAIN_AFTER, HAND_BACK_AGAIN_FOR = 0.05, 5.0
+
+
 async def room_within(delivery: _Delivery | None, seconds: float) -> bool:
-    """Wait up to ``seconds`` for room in a full kernel channel; whether there is room now."""
+    """Wait up to ``seconds`` for room in a full kernel channel; whether there is room now.
+
+    Shorter (:data:`HAND_BACK_AGAIN_AFTER`) right after a record for the same
+    channel was handed back, so a stuck agent with many partitions costs the
+    other partitions one wait, not one per partition.
+    """
     if not full(delivery):
         return False  # not a full kernel channel: Faust's way
+    queue = _kernel_queue(delivery)
+    if time.monotonic() - getattr(queue, HANDED_BACK_AT, float("-inf")) < HAND_BACK_AGAIN_FOR:
+        seconds = min(seconds, HAND_BACK_AGAIN_AFTER)
     waited = 0.0
     while full(delivery) and waited < seconds:
         await asyncio.sleep(0.005)
@@ -666,7 +682,10 @@ def hand_back(consumer: Any, delivery: _Delivery, tp: Any) -> bool:
     queue = _kernel_queue(delivery)
     if queue.in_pressure_high_state(delivery.on_pressure_drop):
         delivery.on_pressure_high()
-    return tp in getattr(consumer, "_buffered_partitions", ())
+    if tp not in getattr(consumer, "_buffered_partitions", ()):
+        return False
+    setattr(queue, HANDED_BACK_AT, time.monotonic())
+    return True
 
 
 def _deliver_to_batch_channels() -> None:
