@@ -108,6 +108,12 @@ class BatchSource:
                 inbound[tp] = now
         return events
 
+    def release(self, events: list[EventT]) -> None:
+        """The batch was not processed: done for Faust's bookkeeping, not committable, read again."""
+        consumer = self.app.consumer
+        for event in events:
+            faust_patches.release(consumer, event.message)
+
     @staticmethod
     def ack(events: list[EventT]) -> None:
         """The batch is done: its offsets may be committed (unless fetched in an older generation)."""

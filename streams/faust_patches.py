@@ -798,6 +798,8 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                                 if get_expected(tp, _UNSET) != offset + 1:
                                     continue  # sought meanwhile: the seek says what is read next
                                 if hand_back(self, delivery, tp):
+                                    log.info("%s: its agent's channel stayed full: record %d handed "
+                                             "back, read again once the channel drained", tp, offset)
                                     set_expected(tp, offset)
                                     skipped(self, tp, offset)
                                     continue

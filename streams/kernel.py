@@ -55,7 +55,12 @@ One batch, in order
    (:mod:`streams.faust_patches`): after a rebalance it is read again.  A
    rebalance waits for the batch in hand (its records are tracked as
    unacknowledged); records still queued are dropped with the queue and read
-   again.
+   again.  A batch held back by a transient failure (Stripe or the broker
+   unreachable) is abandoned when the flow stops for a rebalance or a
+   shutdown, at its next backoff: nothing of it was written, its records are
+   released (not committable, read again by whoever owns the partition
+   next), as a SIGKILL there would leave them.  Else a stop or rebalance
+   waited for it as long as the outage lasted (``Consumer.wait_empty``).
 
 What a SIGKILL does at each await
 ---------------------------------
@@ -120,6 +125,14 @@ log = logging.getLogger(__name__)
 Service = Callable[[Call], Awaitable[Any]]
 
 
+class BatchAbandoned(BaseException):
+    """The flow stopped (rebalance, shutdown) while a batch was held back: it is released, not acked.
+
+    A ``BaseException``, as ``CancelledError``: no ``except Exception`` on the
+    way (dead-lettering, isolation) may take it for the batch's own failure.
+    """
+
+
 class CallRefused(Exception):
     """A service's definitive refusal of a call (e.g. a declined card).
 
@@ -135,6 +148,9 @@ class CallRefused(Exception):
 #: Decoded rows a flow that shares rows keeps per aggregate (see
 #: ``Aggregate._load``); forgotten all at once when full.  A row is a few KiB.
 DECODED_ROWS_KEPT = 4096
+
+#: Seconds between two looks at Faust's flow while a batch waits to be tried again.
+BACKOFF_STEP = 0.1
 
 #: Errors after which the same batch may well go through if tried again.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
@@ -302,7 +318,14 @@ class Aggregate:
             except StopAsyncIteration:
                 return
             if events:
-                await self.process(events)
+                try:
+                    await self.process(events)
+                except BatchAbandoned:
+                    log.warning("%s: the flow stopped while a batch of %d records was held back: "
+                                "released, read again by the partitions' next owner", self.flow.name,
+                                len(events))
+                    source.release(events)
+                    continue
                 source.ack(events)
 
     async def process(self, events: Sequence[EventT]) -> None:
@@ -349,10 +372,23 @@ class Aggregate:
                 await self._backoff(tries, exc)
 
     async def _backoff(self, tries: int, error: BaseException) -> None:
+        """Wait before the batch is tried again; :class:`BatchAbandoned` once the flow stops."""
         delay = min(self.max_backoff, 0.1 * 2 ** min(tries, 6))
         log.warning("%s: batch held back by a transient failure (%r); retrying in %.1fs",
                     self.flow.name, error, delay)
-        await asyncio.sleep(delay)
+        until = time.monotonic() + delay
+        while True:
+            if not self._flowing():
+                raise BatchAbandoned()
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(left, BACKOFF_STEP))
+
+    def _flowing(self) -> bool:
+        """Whether Faust's flow runs (it stops for a rebalance and at shutdown)."""
+        flow = getattr(self.app, "flow_control", None)
+        return flow is None or flow.is_active()
 
     async def _run(self, inbound: list[Inbound], extra: list[Outgoing], now: int,
                    verdicts: list[tuple[str, Any]] | None = None) -> None:

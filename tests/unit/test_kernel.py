@@ -1169,6 +1169,9 @@ class Source:
     def ack(self, events: list[Event]) -> None:
         self.log.extend(f"ack {event.message.offset}" for event in events)
 
+    def release(self, events: list[Event]) -> None:
+        self.log.extend(f"release {event.message.offset}" for event in events)
+
 
 async def test_the_agent_acknowledges_a_batch_only_after_it_is_published_and_written() -> None:
     app = FakeApp()
@@ -1203,6 +1206,42 @@ async def test_the_agent_ends_when_faust_stops_it() -> None:
     await kernel._drive(Source([[only], StopAsyncIteration(), [command("add", "u2", amount=1)]], log))
     assert log == [f"ack {only.message.offset}"]
     assert kernel.row("u2") is None
+
+
+class FlowControl:
+    """Faust's flow control, as far as the kernel looks at it."""
+
+    def __init__(self) -> None:
+        self.active = True
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+async def test_a_batch_held_back_when_the_flow_stops_is_released_not_acked_nor_written() -> None:
+    """A rebalance or a shutdown (Faust stops the flow, then waits for unacked records) does not wait
+    for an outage to end: the held batch is released, read again by the partition's next owner."""
+    app = FakeApp()
+    app.flow_control = FlowControl()  # type: ignore[attr-defined]
+    app.producer.transient_failures = 10**9  # the broker does not acknowledge
+    kernel = Aggregate(app, counter_flow(), agent_name="counter_events")
+    log: list[str] = []
+    held, later = command("add", "u1", amount=1), command("add", "u2", amount=1)
+    source = Source([[held], [later]], log)
+    driving = asyncio.ensure_future(kernel._drive(source))  # type: ignore[arg-type]
+    for _ in range(500):
+        await asyncio.sleep(0.001)
+        if len(app.producer.handed) >= 2:
+            break
+    assert len(app.producer.handed) >= 2 and not driving.done()  # retried while the flow runs
+    app.flow_control.active = False  # type: ignore[attr-defined]
+    app.producer.transient_failures = 0
+    with pytest.raises(Exhausted):
+        await asyncio.wait_for(driving, 2)  # within a backoff step, not after the outage
+    assert log[0] == f"release {held.message.offset}"
+    assert f"ack {held.message.offset}" not in log
+    assert kernel.row("u1") is None  # nothing of the abandoned batch was written
+    assert log[1:] == [f"ack {later.message.offset}"]  # the agent goes on with what comes next
 
 
 # --------------------------------------------------------------------------
