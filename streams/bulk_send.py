@@ -75,7 +75,7 @@ Record = tuple[str, bytes | None, bytes | None, int | None, Sequence[tuple[str, 
 
 @dataclass(slots=True)
 class Sent:
-    """One batch handed to the producer: its ack future, where it went, how many records."""
+    """A call's records in one producer batch (its own, or one they joined): ack future, where, how many."""
 
     future: asyncio.Future[Any]  # resolves to the batch's metadata: its first offset
     topic: str
@@ -140,7 +140,7 @@ async def send_all(app: Any, records: Sequence[Record]) -> list[Sent]:
         if queued is not None:
             start = _append_to_queued(queued, topic, partition, group, sent)
         builder, count = producer.create_batch(), 0
-        for key, value, headers in group[start:] if start else group:
+        for key, value, headers in group[start:]:
             if builder.append(timestamp=None, key=key, value=value, headers=headers) is None:
                 sent.append(Sent(await producer.send_batch(builder, topic, partition=partition),
                                  topic, partition, count, count - 1))

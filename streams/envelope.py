@@ -118,6 +118,10 @@ def new_event(
     return event
 
 
+#: ``str(uuid.UUID(text))`` of any UUID: lower case, hyphenated (every derived event id).
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def _event_id(topic: str, given: str | uuid.UUID | None) -> str:
     if given is None:
         return str(uuid.uuid4())
@@ -127,9 +131,6 @@ def _event_id(topic: str, given: str | uuid.UUID | None) -> str:
         return str(given if isinstance(given, uuid.UUID) else uuid.UUID(str(given)))
     except ValueError:
         raise InvalidEvent(topic, f"event_id {given!r} is not a UUID", ["event_id"]) from None
-
-
-_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _correlation_id(topic: str, cause: Mapping[str, Any] | None, given: str | None) -> str:

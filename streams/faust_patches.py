@@ -601,25 +601,32 @@ def _buffered(buffer: Any, threaded: bool) -> int:
     return len(buffer.pending._queue)
 
 
+def _kernel_queue(delivery: _Delivery) -> Any:
+    """The queue of the partition's only subscriber if it is a kernel channel, else None."""
+    if len(delivery.channels) != 1:
+        return None
+    channel = next(iter(delivery.channels))
+    return channel.queue if getattr(channel, BATCH_CHANNEL, False) else None
+
+
 def deliver_now(delivery: _Delivery | None, message: Any) -> bool:
     """Deliver ``message`` to its kernel channel without waiting; False: go Faust's way."""
-    if delivery is None or len(delivery.channels) != 1:
+    if delivery is None:
         return False
-    for channel in delivery.channels:
-        if not getattr(channel, BATCH_CHANNEL, False):
-            return False
-        app = delivery.app
-        queue = channel.queue
-        buffer = delivery.buffer
-        if queue.full() or not app.flow_control.is_active() or \
-                _buffered(buffer, delivery.buffer_threaded) > buffer.max_messages:
-            return False
-        message.incref(1)
-        queue.put_nowait_enhanced(
-            delivery.event_cls(app, message.key, message.value, message.headers, message),
-            on_pressure_high=delivery.on_pressure_high,
-            on_pressure_drop=delivery.on_pressure_drop,
-        )
+    queue = _kernel_queue(delivery)
+    if queue is None:
+        return False
+    app = delivery.app
+    buffer = delivery.buffer
+    if queue.full() or not app.flow_control.is_active() or \
+            _buffered(buffer, delivery.buffer_threaded) > buffer.max_messages:
+        return False
+    message.incref(1)
+    queue.put_nowait_enhanced(
+        delivery.event_cls(app, message.key, message.value, message.headers, message),
+        on_pressure_high=delivery.on_pressure_high,
+        on_pressure_drop=delivery.on_pressure_drop,
+    )
     return True
 
 
@@ -629,25 +636,21 @@ def deliver_now(delivery: _Delivery | None, message: Any) -> bool:
 HAND_BACK_AFTER = 1.0
 
 
-def _kernel_queue(delivery: _Delivery | None) -> Any:
-    """The queue of the partition's only subscriber if it is a kernel channel, else None."""
-    if delivery is None or len(delivery.channels) != 1:
-        return None
-    channel = next(iter(delivery.channels))
-    return channel.queue if getattr(channel, BATCH_CHANNEL, False) else None
-
-
 def full(delivery: _Delivery | None) -> bool:
     """Whether the partition's only subscriber is a kernel channel whose queue is full, flow running."""
+    if delivery is None:
+        return False
     queue = _kernel_queue(delivery)
-    return queue is not None and queue.full() and delivery.app.flow_control.is_active()  # type: ignore[union-attr]
+    return queue is not None and queue.full() and delivery.app.flow_control.is_active()
 
 
 #: Attribute of a kernel channel's queue: monotonic time of its last hand-back.
 HANDED_BACK_AT = "_paystream_handed_back_at"
-#: After a hand-back the channel's agent is likely stuck: the next records for it, from
-#: its other partitions, wait this long instead, for this many seconds.
-HAND_BACK_AGAIN_AFTER, HAND_BACK_AGAIN_FOR = 0.05, 5.0
+#: After a hand-back the channel's agent is likely stuck: for :data:`HAND_BACK_AGAIN_FOR`
+#: seconds the next records for it, from its other partitions, wait only
+#: :data:`HAND_BACK_AGAIN_AFTER` seconds.
+HAND_BACK_AGAIN_AFTER = 0.05
+HAND_BACK_AGAIN_FOR = 5.0
 
 
 async def room_within(delivery: _Delivery | None, seconds: float) -> bool:
@@ -657,7 +660,7 @@ async def room_within(delivery: _Delivery | None, seconds: float) -> bool:
     channel was handed back, so a stuck agent with many partitions costs the
     other partitions one wait, not one per partition.
     """
-    if not full(delivery):
+    if delivery is None or not full(delivery):
         return False  # not a full kernel channel: Faust's way
     queue = _kernel_queue(delivery)
     if time.monotonic() - getattr(queue, HANDED_BACK_AT, float("-inf")) < HAND_BACK_AGAIN_FOR:
@@ -685,6 +688,31 @@ def hand_back(consumer: Any, delivery: _Delivery, tp: Any) -> bool:
     if tp not in getattr(consumer, "_buffered_partitions", ()):
         return False
     setattr(queue, HANDED_BACK_AT, time.monotonic())
+    return True
+
+
+async def deliver_or_hand_back(consumer: Any, delivery: _Delivery | None, tp: Any, message: Any) -> bool:
+    """For a record :func:`deliver_now` could not deliver: True once it is delivered or handed back.
+
+    Only for a full kernel channel (module docstring, 5.): wait for room
+    (:func:`room_within`), deliver; still full, hand the record back: the
+    expected offset stays on it, the commit is held before it, the partition
+    is sought back to it.  A record whose partition was sought meanwhile is
+    left to the seek.  False: the record goes Faust's way.
+    """
+    if await room_within(delivery, HAND_BACK_AFTER) and deliver_now(delivery, message):
+        return True
+    if delivery is None or not full(delivery):
+        return False
+    offset = message.offset
+    if expected(consumer).get(tp, _UNSET) != offset + 1:
+        return True  # sought meanwhile: the seek says what is read next
+    if not hand_back(consumer, delivery, tp):
+        return False
+    log.info("%s: its agent's channel stayed full: record %d handed back, read again once the "
+             "channel drained", tp, offset)
+    _expect(consumer, tp, offset, "a hand-back")
+    skipped(consumer, tp, offset)
     return True
 
 
@@ -791,18 +819,8 @@ async def _drain_messages(self: Any, fetcher: Any) -> None:  # pragma: no cover 
                                 self._n_acked = 0
                                 await self.commit()
                         delivery = get_delivery(tp)
-                        if not deliver_now(delivery, message) and not (
-                                acked_topic and await room_within(delivery, HAND_BACK_AFTER)
-                                and deliver_now(delivery, message)):
-                            if acked_topic and full(delivery):  # not Faust's: (module docstring, 5.)
-                                if get_expected(tp, _UNSET) != offset + 1:
-                                    continue  # sought meanwhile: the seek says what is read next
-                                if hand_back(self, delivery, tp):
-                                    log.info("%s: its agent's channel stayed full: record %d handed "
-                                             "back, read again once the channel drained", tp, offset)
-                                    set_expected(tp, offset)
-                                    skipped(self, tp, offset)
-                                    continue
+                        if not deliver_now(delivery, message) and not (  # not Faust's: 5.
+                                acked_topic and await deliver_or_hand_back(self, delivery, tp, message)):
                             await self.wait_first(
                                 callback(message), self.suspend_flow.wait()
                             )
